@@ -1,0 +1,125 @@
+"""Loading MMEngine checkpoints under PyTorch's weights-only unpickler.
+
+Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``, and
+MMEngine 0.10.7 calls it without the argument, so its own checkpoints (which
+hold a ``HistoryBuffer`` message hub, numpy arrays and numpy scalars) no
+longer load. Turning weights-only loading off would let any checkpoint run
+arbitrary code, so instead the few types an MMEngine checkpoint holds are
+allow-listed. A file holding anything else is refused, with a message that
+says how to load a file one trusts deliberately:
+
+* ``ddetr_plugin.utils.trust_checkpoint(path)`` in Python, or
+* the environment variable ``DDETR_PLUGIN_TRUSTED_CHECKPOINTS``, a
+  ``os.pathsep``-separated list of checkpoint paths.
+
+Only the named files are then unpickled in full.
+"""
+import os
+import os.path as osp
+import pickle
+from typing import Callable, List, Optional, Set
+
+import numpy as np
+import torch
+
+TRUSTED_ENV = 'DDETR_PLUGIN_TRUSTED_CHECKPOINTS'
+_trusted_paths: Set[str] = set()
+_enabled = False
+
+
+def _numpy_types() -> List[type]:
+    """Numpy objects that pickles of arrays and scalars refer to."""
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtype_classes = [type(np.dtype(t)) for t in np.sctypeDict.values()]
+    return [_reconstruct, scalar, np.ndarray, np.dtype] + sorted(
+        set(dtype_classes), key=lambda cls: cls.__name__)
+
+
+def checkpoint_safe_globals() -> List[object]:
+    """Every non-tensor type an MMEngine checkpoint of this project holds."""
+    from mmengine.logging import HistoryBuffer
+    return [HistoryBuffer] + _numpy_types()
+
+
+def trust_checkpoint(path: str) -> None:
+    """Allow one checkpoint file to be unpickled in full.
+
+    Only do this for files you produced or otherwise trust: a pickle can run
+    arbitrary code when loaded.
+
+    Args:
+        path (str): Path of the checkpoint file.
+    """
+    _trusted_paths.add(osp.realpath(path))
+
+
+def is_trusted(path: str) -> bool:
+    """Whether ``path`` was marked trusted by code or by the environment."""
+    from_env = {
+        osp.realpath(p)
+        for p in os.environ.get(TRUSTED_ENV, '').split(os.pathsep) if p
+    }
+    return osp.realpath(path) in _trusted_paths | from_env
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds objects outside the weights-only allow-list."""
+
+
+def load_checkpoint_file(filename: str,
+                         map_location: Optional[object] = None) -> dict:
+    """``torch.load`` a local checkpoint, weights-only unless trusted.
+
+    Args:
+        filename (str): Path of the checkpoint.
+        map_location: Passed to ``torch.load``.
+
+    Returns:
+        dict: The loaded checkpoint.
+
+    Raises:
+        FileNotFoundError: If ``filename`` does not exist.
+        UntrustedCheckpointError: If the file holds types outside the
+            allow-list and was not marked trusted.
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint file {filename!r} does not '
+                                'exist')
+    if is_trusted(filename):
+        return torch.load(
+            filename, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(
+            filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UntrustedCheckpointError(
+            f'{filename!r} holds objects that are not allowed in a weights-'
+            'only load (MMEngine checkpoints need only tensors, numpy '
+            'arrays and scalars, and HistoryBuffer). PyTorch said: '
+            f'{str(error).splitlines()[0]} If you trust this file, load it '
+            'deliberately with ddetr_plugin.utils.trust_checkpoint(path) or '
+            f'by listing it in the environment variable {TRUSTED_ENV}; a '
+            'pickle can run arbitrary code.') from error
+
+
+def _mmengine_local_loader(filename: str,
+                           map_location: Optional[object] = None) -> dict:
+    return load_checkpoint_file(filename, map_location)
+
+
+def enable_safe_checkpoint_loading() -> None:
+    """Allow-list MMEngine's checkpoint types and route its local loads
+    through :func:`load_checkpoint_file`. Safe to call more than once."""
+    global _enabled
+    if _enabled:
+        return
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    from mmengine.runner.checkpoint import CheckpointLoader
+    register: Callable = CheckpointLoader.register_scheme(
+        prefixes='', force=True)
+    register(_mmengine_local_loader)
+    _enabled = True
