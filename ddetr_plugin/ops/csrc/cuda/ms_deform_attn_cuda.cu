@@ -1,0 +1,310 @@
+// Host side of the CUDA multi-scale deformable attention: input checks,
+// output allocation, launch configuration and the CUDA registration of the
+// ddetr_plugin::ms_deform_attn_forward / _backward schemas, which are defined
+// in ../ms_deform_attn.cpp. The kernels are in ms_deform_attn_kernels.cuh.
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ms_deform_attn_kernels.cuh"
+
+namespace ddetr_plugin {
+namespace cuda {
+namespace {
+
+// Enough blocks to fill any current GPU many times over; bigger problems
+// are covered by the kernels' grid-stride loops.
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+// The widest channel pack the forward loads with one instruction.
+constexpr int64_t kMaxPackBytes = 16;
+
+int64_t num_blocks_for(int64_t num_threads) {
+  return std::min((num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock,
+                  kMaxBlocks);
+}
+
+bool is_aligned(const void* address, int64_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(address) % bytes == 0;
+}
+
+void check_input(const at::Tensor& tensor, const char* name, int64_t dims,
+                 const at::Tensor& value) {
+  TORCH_CHECK(tensor.device() == value.device(),
+              "ms_deform_attn (CUDA): expected ", name, " on ",
+              value.device(), " like value, got ", tensor.device());
+  TORCH_CHECK(tensor.dim() == dims, "ms_deform_attn (CUDA): expected ", name,
+              " with ", dims, " dimensions, got shape ", tensor.sizes());
+  TORCH_CHECK(tensor.is_contiguous(), "ms_deform_attn (CUDA): expected ",
+              name, " contiguous, got strides ", tensor.strides(),
+              " for shape ", tensor.sizes());
+}
+
+// Checks everything the kernels rely on that can be checked without reading
+// device memory, and returns the problem size. That the levels described by
+// spatial_shapes and level_start_index fit in value's keys needs their
+// values; the Python front checks it on the host.
+ProblemSize check_inputs(const at::Tensor& value,
+                         const at::Tensor& spatial_shapes,
+                         const at::Tensor& level_start_index,
+                         const at::Tensor& sampling_locations,
+                         const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.is_cuda(),
+              "ms_deform_attn (CUDA): expected value on a CUDA device, got ",
+              value.device());
+  check_input(value, "value", 4, value);
+  check_input(spatial_shapes, "spatial_shapes", 2, value);
+  check_input(level_start_index, "level_start_index", 1, value);
+  check_input(sampling_locations, "sampling_locations", 6, value);
+  check_input(attention_weights, "attention_weights", 5, value);
+
+  const at::ScalarType opmath_dtype =
+      at::toOpMathType(value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == opmath_dtype &&
+                  attention_weights.scalar_type() == opmath_dtype,
+              "ms_deform_attn (CUDA): expected sampling_locations and "
+              "attention_weights of dtype ",
+              opmath_dtype, " for value of dtype ", value.scalar_type(),
+              ", got ", sampling_locations.scalar_type(), " and ",
+              attention_weights.scalar_type());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
+                  level_start_index.scalar_type() == at::kLong,
+              "ms_deform_attn (CUDA): expected int64 spatial_shapes and "
+              "level_start_index, got ",
+              spatial_shapes.scalar_type(), " and ",
+              level_start_index.scalar_type());
+
+  ProblemSize size;
+  size.batch_size = value.size(0);
+  size.num_keys = value.size(1);
+  size.num_heads = value.size(2);
+  size.head_dims = value.size(3);
+  size.num_queries = sampling_locations.size(1);
+  size.num_levels = sampling_locations.size(3);
+  size.num_points = sampling_locations.size(4);
+
+  const std::vector<int64_t> locations_shape = {
+      size.batch_size, size.num_queries, size.num_heads,
+      size.num_levels, size.num_points, 2};
+  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef(locations_shape),
+              "ms_deform_attn (CUDA): expected sampling_locations of shape ",
+              at::IntArrayRef(locations_shape),
+              " (batch, queries, heads, levels, points, 2) to match value ",
+              value.sizes(), ", got ", sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() ==
+                  at::IntArrayRef(locations_shape).slice(0, 5),
+              "ms_deform_attn (CUDA): expected attention_weights of shape ",
+              at::IntArrayRef(locations_shape).slice(0, 5),
+              " (batch, queries, heads, levels, points), got ",
+              attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.size(0) == size.num_levels &&
+                  spatial_shapes.size(1) == 2,
+              "ms_deform_attn (CUDA): expected spatial_shapes of shape (",
+              size.num_levels, ", 2), got ", spatial_shapes.sizes());
+  TORCH_CHECK(level_start_index.size(0) == size.num_levels,
+              "ms_deform_attn (CUDA): expected level_start_index of shape (",
+              size.num_levels, ",), got ", level_start_index.sizes());
+  return size;
+}
+
+// Widest pack of channels (at most kMaxPackBytes) that divides head_dims
+// and keeps every row of value and output aligned to the pack.
+template <typename scalar_t>
+int forward_pack_width(const ProblemSize& size, const void* value,
+                       const void* output) {
+  for (int width : {8, 4, 2}) {
+    const int64_t bytes = width * static_cast<int64_t>(sizeof(scalar_t));
+    if (bytes <= kMaxPackBytes && size.head_dims % width == 0 &&
+        is_aligned(value, bytes) && is_aligned(output, bytes)) {
+      return width;
+    }
+  }
+  return 1;
+}
+
+template <typename scalar_t, int kWidth>
+void launch_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                    const at::Tensor& level_start_index,
+                    const at::Tensor& sampling_locations,
+                    const at::Tensor& attention_weights, at::Tensor& output,
+                    const ProblemSize& size, cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_threads = size.batch_size * size.num_queries *
+                              size.num_heads * (size.head_dims / kWidth);
+  ms_deform_attn_forward_kernel<scalar_t, kWidth>
+      <<<num_blocks_for(num_threads), kThreadsPerBlock, 0, stream>>>(
+          value.const_data_ptr<scalar_t>(),
+          spatial_shapes.const_data_ptr<int64_t>(),
+          level_start_index.const_data_ptr<int64_t>(),
+          sampling_locations.const_data_ptr<opmath_t>(),
+          attention_weights.const_data_ptr<opmath_t>(),
+          output.mutable_data_ptr<scalar_t>(), size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value,
+                                       const at::Tensor& spatial_shapes,
+                                       const at::Tensor& level_start_index,
+                                       const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights) {
+  const ProblemSize size =
+      check_inputs(value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights);
+  const c10::cuda::CUDAGuard device_guard(value.device());
+  at::Tensor output = at::empty(
+      {size.batch_size, size.num_queries, size.num_heads * size.head_dims},
+      value.options());
+  if (output.numel() == 0) {
+    return output;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(),
+      "ms_deform_attn_forward_cuda", [&] {
+        const int width = forward_pack_width<scalar_t>(
+            size, value.const_data_ptr(), output.const_data_ptr());
+        // Widths wider than 16 bytes are never chosen, so they are not
+        // instantiated (8 channels only for 2-byte types, 4 not for double).
+        if constexpr (sizeof(scalar_t) * 8 <= kMaxPackBytes) {
+          if (width == 8) {
+            launch_forward<scalar_t, 8>(value, spatial_shapes,
+                                        level_start_index, sampling_locations,
+                                        attention_weights, output, size,
+                                        stream);
+            return;
+          }
+        }
+        if constexpr (sizeof(scalar_t) * 4 <= kMaxPackBytes) {
+          if (width == 4) {
+            launch_forward<scalar_t, 4>(value, spatial_shapes,
+                                        level_start_index, sampling_locations,
+                                        attention_weights, output, size,
+                                        stream);
+            return;
+          }
+        }
+        if (width == 2) {
+          launch_forward<scalar_t, 2>(value, spatial_shapes,
+                                      level_start_index, sampling_locations,
+                                      attention_weights, output, size, stream);
+          return;
+        }
+        launch_forward<scalar_t, 1>(value, spatial_shapes, level_start_index,
+                                    sampling_locations, attention_weights,
+                                    output, size, stream);
+      });
+  return output;
+}
+
+template <typename scalar_t, int kWidth>
+void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
+                     const at::Tensor& spatial_shapes,
+                     const at::Tensor& level_start_index,
+                     const at::Tensor& sampling_locations,
+                     const at::Tensor& attention_weights,
+                     at::Tensor& grad_value,
+                     at::Tensor& grad_sampling_locations,
+                     at::Tensor& grad_attention_weights,
+                     const ProblemSize& size, cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  // Smallest power of two covering the head's packs, at most one warp.
+  const int64_t packs_per_head = size.head_dims / kWidth;
+  int group_size = 1;
+  while (group_size < kWarpSize && group_size < packs_per_head) {
+    group_size *= 2;
+  }
+  const int64_t num_threads =
+      size.batch_size * size.num_queries * size.num_heads * group_size;
+  ms_deform_attn_backward_kernel<scalar_t, kWidth>
+      <<<num_blocks_for(num_threads), kThreadsPerBlock, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(),
+          value.const_data_ptr<scalar_t>(),
+          spatial_shapes.const_data_ptr<int64_t>(),
+          level_start_index.const_data_ptr<int64_t>(),
+          sampling_locations.const_data_ptr<opmath_t>(),
+          attention_weights.const_data_ptr<opmath_t>(),
+          grad_value.mutable_data_ptr<scalar_t>(),
+          grad_sampling_locations.mutable_data_ptr<opmath_t>(),
+          grad_attention_weights.mutable_data_ptr<opmath_t>(), size,
+          group_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value,
+    const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  const ProblemSize size =
+      check_inputs(value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights);
+  check_input(grad_output, "grad_output", 3, value);
+  const std::vector<int64_t> output_shape = {
+      size.batch_size, size.num_queries, size.num_heads * size.head_dims};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape) &&
+                  grad_output.scalar_type() == value.scalar_type(),
+              "ms_deform_attn (CUDA): expected grad_output of shape ",
+              at::IntArrayRef(output_shape), " and dtype ",
+              value.scalar_type(), ", got shape ", grad_output.sizes(),
+              " and dtype ", grad_output.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(value.device());
+
+  // grad_value is scattered into with atomics, so it starts at zero; the
+  // other two gradients are written once per sample by the kernel.
+  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_sampling_locations = at::empty_like(sampling_locations);
+  at::Tensor grad_attention_weights = at::empty_like(attention_weights);
+  if (grad_attention_weights.numel() == 0) {
+    return {grad_value, grad_sampling_locations, grad_attention_weights};
+  }
+  if (size.head_dims == 0) {
+    // Sums over zero channels.
+    grad_sampling_locations.zero_();
+    grad_attention_weights.zero_();
+    return {grad_value, grad_sampling_locations, grad_attention_weights};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(),
+      "ms_deform_attn_backward_cuda", [&] {
+        const int64_t pair_bytes = 2 * sizeof(scalar_t);
+        const bool pairs = size.head_dims % 2 == 0 &&
+                           is_aligned(value.const_data_ptr(), pair_bytes) &&
+                           is_aligned(grad_output.const_data_ptr(),
+                                      pair_bytes) &&
+                           is_aligned(grad_value.const_data_ptr(), pair_bytes);
+        if (pairs) {
+          launch_backward<scalar_t, 2>(
+              grad_output, value, spatial_shapes, level_start_index,
+              sampling_locations, attention_weights, grad_value,
+              grad_sampling_locations, grad_attention_weights, size, stream);
+        } else {
+          launch_backward<scalar_t, 1>(
+              grad_output, value, spatial_shapes, level_start_index,
+              sampling_locations, attention_weights, grad_value,
+              grad_sampling_locations, grad_attention_weights, size, stream);
+        }
+      });
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace ddetr_plugin
+
+TORCH_LIBRARY_IMPL(ddetr_plugin, CUDA, m) {
+  m.impl("ms_deform_attn_forward",
+         &ddetr_plugin::cuda::ms_deform_attn_forward_cuda);
+  m.impl("ms_deform_attn_backward",
+         &ddetr_plugin::cuda::ms_deform_attn_backward_cuda);
+}
