@@ -61,8 +61,8 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor,
                 padding_mode='zeros',
                 align_corners=False))
     # (bs, nq, nh, nl, np) -> (bs*nh, 1, nq, nl*np)
-    weights = attention_weights.transpose(1, 2).reshape(
-        bs * nh, 1, nq, nl * np_)
+    weights = attention_weights.transpose(1,
+                                          2).reshape(bs * nh, 1, nq, nl * np_)
     # (bs*nh, hd, nq, nl*np) weighted sum over samples -> (bs*nh, hd, nq)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     output = output.view(bs, nh * hd, nq)

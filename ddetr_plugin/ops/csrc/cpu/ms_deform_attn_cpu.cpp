@@ -1,0 +1,408 @@
+// CPU kernels of multi-scale deformable attention, forward and backward.
+//
+// Semantics are those of mmcv's multi_scale_deformable_attn_pytorch
+// (grid_sample, bilinear, zero padding, align_corners=False): a normalised
+// location x in [0, 1] on a level of width w samples pixel column
+// x * w - 0.5; a sample whose pixel coordinate is not inside (-1, size)
+// reads zero, and a corner outside the map reads zero. Comparisons are
+// written so that NaN coordinates fail them and read zero too.
+//
+// Shape shorthand (as in ddetr_plugin/ops/reference.py):
+//   bs batch size, nk keys, nq queries, nh heads, hd channels per head,
+//   nl levels, np points per level.
+//   value (bs, nk, nh, hd), locations (bs, nq, nh, nl, np, 2),
+//   weights (bs, nq, nh, nl, np), output (bs, nq, nh * hd).
+//
+// With the value laid out (bs, nk, nh, hd), the hd channels of one head at
+// one pixel are contiguous, so every bilinear corner is a contiguous run
+// that the compiler vectorises. Indices are 64-bit throughout.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace ddetr_plugin {
+namespace {
+
+// The hot loops are compiled for several x86 instruction sets and the best
+// one the machine supports is picked when the library loads (GCC function
+// multi-versioning), so the wheel stays portable yet uses AVX2/AVX-512.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) &&       \
+    defined(__linux__)
+#define DDETR_CPU_CLONES                                                       \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3",           \
+                               "default")))
+#else
+#define DDETR_CPU_CLONES
+#endif
+
+// One bilinear sample: the four corners as rows of hd channels and their
+// interpolation weights. Corners outside the map point at a row of zeros
+// with weight zero, so the channel loops need no branch.
+template <typename scalar_t> struct BilinearSample {
+  int64_t offsets[4]; // row offset of each corner in the value, or -1
+  scalar_t weights[4];
+  scalar_t low_y, low_x, high_y, high_x;
+};
+
+// Locates the corners of sampling pixel (x * width - 0.5, y * height - 0.5)
+// in a level starting at key level_start. Returns false when the sample lies
+// wholly outside the map (or is NaN) and contributes nothing.
+template <typename scalar_t>
+inline bool locate_sample(scalar_t x, scalar_t y, int64_t height,
+                          int64_t width, int64_t level_start, int64_t num_heads,
+                          int64_t head, int64_t head_dims,
+                          BilinearSample<scalar_t> &sample) {
+  const scalar_t pixel_y = y * static_cast<scalar_t>(height) - scalar_t(0.5);
+  const scalar_t pixel_x = x * static_cast<scalar_t>(width) - scalar_t(0.5);
+  if (!(pixel_y > scalar_t(-1) && pixel_x > scalar_t(-1) &&
+        pixel_y < static_cast<scalar_t>(height) &&
+        pixel_x < static_cast<scalar_t>(width))) {
+    return false;
+  }
+  const int64_t y0 = static_cast<int64_t>(std::floor(pixel_y));
+  const int64_t x0 = static_cast<int64_t>(std::floor(pixel_x));
+  sample.low_y = pixel_y - static_cast<scalar_t>(y0);
+  sample.low_x = pixel_x - static_cast<scalar_t>(x0);
+  sample.high_y = scalar_t(1) - sample.low_y;
+  sample.high_x = scalar_t(1) - sample.low_x;
+  const bool top = y0 >= 0, bottom = y0 + 1 < height;
+  const bool left = x0 >= 0, right = x0 + 1 < width;
+  const bool inside[4] = {top && left, top && right, bottom && left,
+                          bottom && right};
+  const int64_t rows[4] = {y0, y0, y0 + 1, y0 + 1};
+  const int64_t columns[4] = {x0, x0 + 1, x0, x0 + 1};
+  const scalar_t weights[4] = {
+      sample.high_y * sample.high_x, sample.high_y * sample.low_x,
+      sample.low_y * sample.high_x, sample.low_y * sample.low_x};
+  for (int corner = 0; corner < 4; ++corner) {
+    if (inside[corner]) {
+      const int64_t key = level_start + rows[corner] * width + columns[corner];
+      sample.offsets[corner] = (key * num_heads + head) * head_dims;
+      sample.weights[corner] = weights[corner];
+    } else {
+      sample.offsets[corner] = -1;
+      sample.weights[corner] = scalar_t(0);
+    }
+  }
+  return true;
+}
+
+// output[c] += sum over corners of weight * corner[c].
+template <typename scalar_t>
+inline void accumulate_corners(scalar_t *__restrict__ output,
+                               const scalar_t *__restrict__ corner0,
+                               const scalar_t *__restrict__ corner1,
+                               const scalar_t *__restrict__ corner2,
+                               const scalar_t *__restrict__ corner3,
+                               const scalar_t *weights, int64_t head_dims) {
+  const scalar_t w0 = weights[0], w1 = weights[1];
+  const scalar_t w2 = weights[2], w3 = weights[3];
+  for (int64_t c = 0; c < head_dims; ++c) {
+    output[c] += w0 * corner0[c] + w1 * corner1[c] + w2 * corner2[c] +
+                 w3 * corner3[c];
+  }
+}
+
+// Forward for the (batch, query) pairs [begin, end).
+template <typename scalar_t>
+DDETR_CPU_CLONES void
+forward_range(int64_t begin, int64_t end, const scalar_t *value,
+              const int64_t *spatial_shapes, const int64_t *level_start_index,
+              const scalar_t *locations, const scalar_t *attention_weights,
+              const scalar_t *zeros, scalar_t *output, int64_t num_keys,
+              int64_t num_queries, int64_t num_heads, int64_t head_dims,
+              int64_t num_levels, int64_t num_points) {
+  BilinearSample<scalar_t> sample;
+  for (int64_t pair = begin; pair < end; ++pair) {
+    const int64_t batch = pair / num_queries;
+    const scalar_t *batch_value = value + batch * num_keys * num_heads * head_dims;
+    scalar_t *output_row = output + pair * num_heads * head_dims;
+    for (int64_t c = 0; c < num_heads * head_dims; ++c) {
+      output_row[c] = scalar_t(0);
+    }
+    for (int64_t head = 0; head < num_heads; ++head) {
+      scalar_t *head_output = output_row + head * head_dims;
+      // (pair, head) is the leading index of the (nl, np) sample block.
+      const int64_t first_sample = (pair * num_heads + head) * num_levels *
+                                   num_points;
+      for (int64_t level = 0; level < num_levels; ++level) {
+        const int64_t height = spatial_shapes[2 * level];
+        const int64_t width = spatial_shapes[2 * level + 1];
+        const int64_t level_start = level_start_index[level];
+        for (int64_t point = 0; point < num_points; ++point) {
+          const int64_t index = first_sample + level * num_points + point;
+          if (!locate_sample(locations[2 * index], locations[2 * index + 1],
+                             height, width, level_start, num_heads, head,
+                             head_dims, sample)) {
+            continue;
+          }
+          const scalar_t weight = attention_weights[index];
+          scalar_t weights[4];
+          const scalar_t *corners[4];
+          for (int corner = 0; corner < 4; ++corner) {
+            weights[corner] = weight * sample.weights[corner];
+            corners[corner] = sample.offsets[corner] < 0
+                                  ? zeros
+                                  : batch_value + sample.offsets[corner];
+          }
+          accumulate_corners(head_output, corners[0], corners[1], corners[2],
+                             corners[3], weights, head_dims);
+        }
+      }
+    }
+  }
+}
+
+// Backward for one (batch, head, level) triple. The triples own disjoint
+// slices of grad_value (a level's keys of one head of one image), so they
+// run in parallel without atomics or per-thread copies of grad_value; the
+// location and weight gradients of a triple are disjoint as well.
+template <typename scalar_t>
+DDETR_CPU_CLONES void backward_triple(
+    int64_t batch, int64_t head, int64_t level, const scalar_t *grad_output,
+    const scalar_t *value, const int64_t *spatial_shapes,
+    const int64_t *level_start_index, const scalar_t *locations,
+    const scalar_t *attention_weights, const scalar_t *zeros,
+    scalar_t *scratch, scalar_t *grad_value, scalar_t *grad_locations,
+    scalar_t *grad_attention_weights, int64_t num_keys, int64_t num_queries,
+    int64_t num_heads, int64_t head_dims, int64_t num_levels,
+    int64_t num_points) {
+  const int64_t batch_offset = batch * num_keys * num_heads * head_dims;
+  const scalar_t *batch_value = value + batch_offset;
+  scalar_t *batch_grad_value = grad_value + batch_offset;
+  const int64_t height = spatial_shapes[2 * level];
+  const int64_t width = spatial_shapes[2 * level + 1];
+  const int64_t level_start = level_start_index[level];
+  BilinearSample<scalar_t> sample;
+  for (int64_t query = 0; query < num_queries; ++query) {
+    const int64_t row = (batch * num_queries + query) * num_heads + head;
+    const scalar_t *__restrict__ grad_row = grad_output + row * head_dims;
+    for (int64_t point = 0; point < num_points; ++point) {
+      const int64_t index = (row * num_levels + level) * num_points + point;
+      grad_locations[2 * index] = scalar_t(0);
+      grad_locations[2 * index + 1] = scalar_t(0);
+      grad_attention_weights[index] = scalar_t(0);
+      if (!locate_sample(locations[2 * index], locations[2 * index + 1],
+                         height, width, level_start, num_heads, head,
+                         head_dims, sample)) {
+        continue;
+      }
+      const scalar_t weight = attention_weights[index];
+      const scalar_t *corners[4];
+      scalar_t *grad_corners[4];
+      scalar_t scales[4];
+      for (int corner = 0; corner < 4; ++corner) {
+        const int64_t offset = sample.offsets[corner];
+        corners[corner] = offset < 0 ? zeros : batch_value + offset;
+        // Corners outside the map write into their own scratch row, which
+        // is never read.
+        grad_corners[corner] = offset < 0 ? scratch + corner * head_dims
+                                          : batch_grad_value + offset;
+        scales[corner] = weight * sample.weights[corner];
+      }
+      // dots[k] = <grad_row, corner k>; grad_corner k += scale k * grad_row.
+      scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+      const scalar_t *__restrict__ v0 = corners[0];
+      const scalar_t *__restrict__ v1 = corners[1];
+      const scalar_t *__restrict__ v2 = corners[2];
+      const scalar_t *__restrict__ v3 = corners[3];
+      scalar_t *__restrict__ g0 = grad_corners[0];
+      scalar_t *__restrict__ g1 = grad_corners[1];
+      scalar_t *__restrict__ g2 = grad_corners[2];
+      scalar_t *__restrict__ g3 = grad_corners[3];
+      const scalar_t s0 = scales[0], s1 = scales[1];
+      const scalar_t s2 = scales[2], s3 = scales[3];
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+      for (int64_t c = 0; c < head_dims; ++c) {
+        const scalar_t grad = grad_row[c];
+        dot0 += grad * v0[c];
+        dot1 += grad * v1[c];
+        dot2 += grad * v2[c];
+        dot3 += grad * v3[c];
+        g0[c] += s0 * grad;
+        g1[c] += s1 * grad;
+        g2[c] += s2 * grad;
+        g3[c] += s3 * grad;
+      }
+      const scalar_t *w = sample.weights;
+      grad_attention_weights[index] =
+          w[0] * dot0 + w[1] * dot1 + w[2] * dot2 + w[3] * dot3;
+      // d(pixel)/d(location) is the level size; the interpolated value is
+      // linear in each pixel coordinate between the corners.
+      grad_locations[2 * index] =
+          weight * static_cast<scalar_t>(width) *
+          (sample.high_y * (dot1 - dot0) + sample.low_y * (dot3 - dot2));
+      grad_locations[2 * index + 1] =
+          weight * static_cast<scalar_t>(height) *
+          (sample.high_x * (dot2 - dot0) + sample.low_x * (dot3 - dot1));
+    }
+  }
+}
+
+void check_inputs(const at::Tensor &value, const at::Tensor &spatial_shapes,
+                  const at::Tensor &level_start_index,
+                  const at::Tensor &sampling_locations,
+                  const at::Tensor &attention_weights) {
+  TORCH_CHECK(value.dim() == 4,
+              "ms_deform_attn: value must be (bs, num_keys, num_heads, "
+              "head_dims), got ",
+              value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 &&
+                  sampling_locations.size(5) == 2,
+              "ms_deform_attn: sampling_locations must be (bs, num_queries, "
+              "num_heads, num_levels, num_points, 2), got ",
+              sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() ==
+                  sampling_locations.sizes().slice(0, 5),
+              "ms_deform_attn: attention_weights must be ",
+              sampling_locations.sizes().slice(0, 5), ", got ",
+              attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
+                  spatial_shapes.size(0) == sampling_locations.size(3) &&
+                  level_start_index.dim() == 1 &&
+                  level_start_index.size(0) == spatial_shapes.size(0),
+              "ms_deform_attn: spatial_shapes must be (num_levels, 2) and "
+              "level_start_index (num_levels,), got ",
+              spatial_shapes.sizes(), " and ", level_start_index.sizes());
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
+                  level_start_index.scalar_type() == at::kLong,
+              "ms_deform_attn: spatial_shapes and level_start_index must be "
+              "int64, got ",
+              spatial_shapes.scalar_type(), " and ",
+              level_start_index.scalar_type());
+  TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
+                  value.scalar_type() == attention_weights.scalar_type(),
+              "ms_deform_attn (CPU): value, sampling_locations and "
+              "attention_weights must share one dtype, got ",
+              value.scalar_type(), ", ", sampling_locations.scalar_type(),
+              ", ", attention_weights.scalar_type());
+  TORCH_CHECK(value.size(0) == sampling_locations.size(0) &&
+                  value.size(2) == sampling_locations.size(2),
+              "ms_deform_attn: value ", value.sizes(),
+              " and sampling_locations ", sampling_locations.sizes(),
+              " disagree on batch size or number of heads");
+  for (const at::Tensor *tensor :
+       {&value, &spatial_shapes, &level_start_index, &sampling_locations,
+        &attention_weights}) {
+    TORCH_CHECK(tensor->is_contiguous(),
+                "ms_deform_attn: CPU kernel inputs must be contiguous");
+    TORCH_CHECK(tensor->device().is_cpu(),
+                "ms_deform_attn: CPU kernel got a tensor on ",
+                tensor->device());
+  }
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor &value,
+                                      const at::Tensor &spatial_shapes,
+                                      const at::Tensor &level_start_index,
+                                      const at::Tensor &sampling_locations,
+                                      const at::Tensor &attention_weights) {
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+               attention_weights);
+  const int64_t batch_size = value.size(0), num_keys = value.size(1);
+  const int64_t num_heads = value.size(2), head_dims = value.size(3);
+  const int64_t num_queries = sampling_locations.size(1);
+  const int64_t num_levels = sampling_locations.size(3);
+  const int64_t num_points = sampling_locations.size(4);
+  at::Tensor output = at::empty({batch_size, num_queries, num_heads * head_dims},
+                                value.options());
+  if (output.numel() == 0) {
+    return output;
+  }
+  AT_DISPATCH_FLOATING_TYPES(
+      value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        const std::vector<scalar_t> zeros(head_dims, scalar_t(0));
+        const scalar_t *value_data = value.const_data_ptr<scalar_t>();
+        const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
+        const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
+        const scalar_t *locations =
+            sampling_locations.const_data_ptr<scalar_t>();
+        const scalar_t *weights = attention_weights.const_data_ptr<scalar_t>();
+        scalar_t *output_data = output.mutable_data_ptr<scalar_t>();
+        // A chunk of about 16 queries amortises the scheduling.
+        at::parallel_for(
+            0, batch_size * num_queries, 16, [&](int64_t begin, int64_t end) {
+              forward_range<scalar_t>(begin, end, value_data, shapes, starts,
+                                      locations, weights, zeros.data(),
+                                      output_data, num_keys, num_queries,
+                                      num_heads, head_dims, num_levels,
+                                      num_points);
+            });
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor &grad_output, const at::Tensor &value,
+    const at::Tensor &spatial_shapes, const at::Tensor &level_start_index,
+    const at::Tensor &sampling_locations,
+    const at::Tensor &attention_weights) {
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+               attention_weights);
+  const int64_t batch_size = value.size(0), num_keys = value.size(1);
+  const int64_t num_heads = value.size(2), head_dims = value.size(3);
+  const int64_t num_queries = sampling_locations.size(1);
+  const int64_t num_levels = sampling_locations.size(3);
+  const int64_t num_points = sampling_locations.size(4);
+  TORCH_CHECK(grad_output.is_contiguous() &&
+                  grad_output.scalar_type() == value.scalar_type() &&
+                  grad_output.dim() == 3 &&
+                  grad_output.size(0) == batch_size &&
+                  grad_output.size(1) == num_queries &&
+                  grad_output.size(2) == num_heads * head_dims,
+              "ms_deform_attn: grad_output must be a contiguous (",
+              batch_size, ", ", num_queries, ", ", num_heads * head_dims,
+              ") tensor of ", value.scalar_type(), ", got ",
+              grad_output.sizes(), " ", grad_output.scalar_type());
+  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_locations = at::empty_like(sampling_locations);
+  at::Tensor grad_weights = at::empty_like(attention_weights);
+  if (grad_weights.numel() == 0) {
+    grad_locations.zero_();
+    return {grad_value, grad_locations, grad_weights};
+  }
+  AT_DISPATCH_FLOATING_TYPES(
+      value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+        const std::vector<scalar_t> zeros(head_dims, scalar_t(0));
+        const scalar_t *grad_data = grad_output.const_data_ptr<scalar_t>();
+        const scalar_t *value_data = value.const_data_ptr<scalar_t>();
+        const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
+        const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
+        const scalar_t *locations =
+            sampling_locations.const_data_ptr<scalar_t>();
+        const scalar_t *weights = attention_weights.const_data_ptr<scalar_t>();
+        scalar_t *grad_value_data = grad_value.mutable_data_ptr<scalar_t>();
+        scalar_t *grad_locations_data =
+            grad_locations.mutable_data_ptr<scalar_t>();
+        scalar_t *grad_weights_data = grad_weights.mutable_data_ptr<scalar_t>();
+        const int64_t num_triples = batch_size * num_heads * num_levels;
+        at::parallel_for(0, num_triples, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> scratch(4 * head_dims);
+          for (int64_t triple = begin; triple < end; ++triple) {
+            const int64_t level = triple % num_levels;
+            const int64_t head = (triple / num_levels) % num_heads;
+            const int64_t batch = triple / (num_levels * num_heads);
+            backward_triple<scalar_t>(
+                batch, head, level, grad_data, value_data, shapes, starts,
+                locations, weights, zeros.data(), scratch.data(),
+                grad_value_data, grad_locations_data, grad_weights_data,
+                num_keys, num_queries, num_heads, head_dims, num_levels,
+                num_points);
+          }
+        });
+      });
+  return {grad_value, grad_locations, grad_weights};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(ddetr_plugin, CPU, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+} // namespace ddetr_plugin
