@@ -1,1 +1,4 @@
+"""Detectors; importing registers :class:`DeformableDETR`."""
+from .deformable_detr import DeformableDETR
 
+__all__ = ['DeformableDETR']

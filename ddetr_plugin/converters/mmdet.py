@@ -1,0 +1,181 @@
+"""Weights of MMDetection 3.x's Deformable DETR in the plugin's layout.
+
+The two models compute the same thing; only module names differ:
+
+==========================================  ==================================
+mmdet 3.3.0 ``DeformableDETR``              ``ddetr_plugin`` ``DeformableDETR``
+==========================================  ==================================
+``neck.convs.{i}.conv/gn``                  ``neck.projections.{i}.conv/norm``
+``neck.extra_convs.{j}.conv/gn``            ``neck.projections.{n+j}.conv/norm``
+``encoder.layers.{i}.norms.{0,1}``          ``transformer.encoder.layers.{i}.``
+                                            ``{self_attn,ffn}_norm``
+``decoder.layers.{i}.norms.{0,1,2}``        ``transformer.decoder.layers.{i}.``
+                                            ``{self_attn,cross_attn,ffn}_norm``
+``*.ffn.layers.0.0`` / ``*.ffn.layers.1``   ``*.ffn.linear1`` / ``*.ffn.linear2``
+``decoder.layers.{i}.self_attn.attn.*``     ``...self_attn.*`` (torch MHA)
+``encoder.*``, ``decoder.*``,               ``transformer.`` + the same name
+``level_embed``, ``query_embedding``,
+``reference_points_fc``, ``memory_trans_*``,
+``pos_trans_*``
+``backbone.*``, ``bbox_head.*``             unchanged
+==========================================  ==================================
+
+mmdet's ChannelMapper convolutions have no bias (GroupNorm follows them);
+the plugin's neck has the official model's biases, so the converter adds
+zero biases, which leaves the computation unchanged.
+"""
+import re
+from collections import OrderedDict
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# (pattern, replacement) applied in order; the first match wins.
+_RENAMES: List[Tuple[str, str]] = [
+    (r'^neck\.convs\.(\d+)\.gn\.', r'neck.projections.\1.norm.'),
+    (r'^neck\.convs\.(\d+)\.conv\.', r'neck.projections.\1.conv.'),
+    (r'^(encoder|decoder)\.layers\.(\d+)\.ffn\.layers\.0\.0\.',
+     r'transformer.\1.layers.\2.ffn.linear1.'),
+    (r'^(encoder|decoder)\.layers\.(\d+)\.ffn\.layers\.1\.',
+     r'transformer.\1.layers.\2.ffn.linear2.'),
+    (r'^encoder\.layers\.(\d+)\.norms\.0\.',
+     r'transformer.encoder.layers.\1.self_attn_norm.'),
+    (r'^encoder\.layers\.(\d+)\.norms\.1\.',
+     r'transformer.encoder.layers.\1.ffn_norm.'),
+    (r'^decoder\.layers\.(\d+)\.norms\.0\.',
+     r'transformer.decoder.layers.\1.self_attn_norm.'),
+    (r'^decoder\.layers\.(\d+)\.norms\.1\.',
+     r'transformer.decoder.layers.\1.cross_attn_norm.'),
+    (r'^decoder\.layers\.(\d+)\.norms\.2\.',
+     r'transformer.decoder.layers.\1.ffn_norm.'),
+    (r'^decoder\.layers\.(\d+)\.self_attn\.attn\.',
+     r'transformer.decoder.layers.\1.self_attn.'),
+    (r'^(encoder|decoder|level_embed|query_embedding|reference_points_fc|'
+     r'memory_trans_fc|memory_trans_norm|pos_trans_fc|pos_trans_norm)\b',
+     r'transformer.\1'),
+]
+
+
+def _rename(key: str, num_backbone_levels: int) -> str:
+    """The plugin's name of one mmdet parameter.
+
+    Args:
+        key (str): The mmdet state-dict key.
+        num_backbone_levels (int): Number of ``neck.convs``, which is where
+            ``neck.extra_convs`` continue the plugin's ``projections``.
+
+    Returns:
+        str: The plugin's key (unchanged if no rule applies).
+    """
+    extra = re.match(r'^neck\.extra_convs\.(\d+)\.(conv|gn)\.(.*)$', key)
+    if extra:
+        index = num_backbone_levels + int(extra.group(1))
+        module = 'norm' if extra.group(2) == 'gn' else 'conv'
+        return f'neck.projections.{index}.{module}.{extra.group(3)}'
+    for pattern, replacement in _RENAMES:
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return key
+
+
+def convert_mmdet_state_dict(
+        state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
+    """Map an mmdet 3.3.0 ``DeformableDETR`` state dict to the plugin's.
+
+    Keys that need no renaming (backbone, head) are kept; neck
+    convolutions without bias get zero biases. The tensors are shared, not
+    copied.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): mmdet's ``model.state_dict()``
+            (the ``state_dict`` entry of an mmdet checkpoint).
+
+    Returns:
+        OrderedDict[str, Tensor]: The plugin's state dict, for
+        :func:`load_converted`.
+    """
+    num_backbone_levels = len({
+        match.group(1)
+        for match in (re.match(r'^neck\.convs\.(\d+)\.', key)
+                      for key in state_dict) if match
+    })
+    converted: 'OrderedDict[str, Tensor]' = OrderedDict()
+    for key, value in state_dict.items():
+        converted[_rename(key, num_backbone_levels)] = value
+    for key in list(converted):
+        match = re.match(r'^(neck\.projections\.\d+\.conv\.)weight$', key)
+        if match and match.group(1) + 'bias' not in converted:
+            weight = converted[key]
+            converted[match.group(1) + 'bias'] = weight.new_zeros(
+                weight.shape[0])
+    return converted
+
+
+class CheckpointMismatchError(ValueError):
+    """A converted state dict does not fit the model."""
+
+
+def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
+    """A suggestion for a known kind of shape mismatch, or ''."""
+    if re.match(r'^bbox_head\.cls_branches\.\d+\.(weight|bias)$', key):
+        return (f' The checkpoint was trained with {received[0]} classes and '
+                f'the model has {expected[0]}: set '
+                f'model.bbox_head.num_classes={received[0]} to use the '
+                'checkpoint as is, or drop the bbox_head.cls_branches '
+                'entries to fine-tune on your classes.')
+    if key.endswith('query_embedding.weight'):
+        return (f' Set model.num_queries={received[0]} as in the '
+                'checkpoint.')
+    if key.endswith('level_embed'):
+        return (f' Set model.num_feature_levels={received[0]} as in the '
+                'checkpoint.')
+    return ''
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str,
+                                                           Tensor]) -> None:
+    """Raise unless ``state_dict`` has exactly the model's keys and shapes.
+
+    Args:
+        model (nn.Module): The plugin model.
+        state_dict (Mapping[str, Tensor]): A converted state dict.
+    """
+    expected: Dict[str, Tensor] = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f'missing keys (in the model, not in the checkpoint): '
+                        f'{missing}')
+    if unexpected:
+        problems.append('unexpected keys (in the checkpoint, not in the '
+                        f'model): {unexpected}')
+    for key in sorted(set(expected) & set(state_dict)):
+        want, got = expected[key].shape, state_dict[key].shape
+        if want != got:
+            problems.append(f'{key}: the model expects shape {tuple(want)}, '
+                            f'the checkpoint has {tuple(got)}.' +
+                            _shape_hint(key, want, got))
+    if problems:
+        raise CheckpointMismatchError(
+            'The checkpoint does not fit the model (check that both use the '
+            'same variant flags, num_classes, num_queries and '
+            'num_feature_levels):\n  ' + '\n  '.join(problems))
+
+
+def load_converted(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load a converted state dict strictly, with a readable error.
+
+    Args:
+        model (nn.Module): The plugin model.
+        state_dict (Mapping[str, Tensor]): From
+            :func:`convert_mmdet_state_dict`.
+
+    Raises:
+        CheckpointMismatchError: Naming every missing, unexpected or
+            misshapen key.
+    """
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,290 @@
+"""Deformable DETR, the detector: backbone, neck, transformer and head.
+
+The forward pass reads top to bottom in :meth:`DeformableDETR.run_transformer`:
+prepare multi-scale inputs and padding masks -> encoder -> queries (or
+proposals) -> decoder -> head.
+
+The variant flags live here and nowhere else: ``with_box_refine`` and
+``as_two_stage`` decide how the head must be built (separate prediction
+layers per decoder layer, one extra for the encoder's proposals), so the
+detector passes those head arguments explicitly (see :meth:`_head_args`),
+and refuses a config that sets them otherwise.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmdet.models.detectors.base import BaseDetector
+from mmdet.structures import OptSampleList, SampleList
+from torch import Tensor
+
+from ddetr_plugin.registry import MODELS
+
+
+def _build_with(cfg: dict, required: dict, component: str,
+                flag_hint: str) -> object:
+    """Build ``cfg`` with ``required`` arguments, refusing contradictions.
+
+    Args:
+        cfg (dict): The component's config.
+        required (dict): Arguments the detector's flags fix.
+        component (str): Config path of the component, for the message.
+        flag_hint (str): Which detector flags fix them, for the message.
+
+    Returns:
+        The built module.
+    """
+    cfg = dict(cfg)
+    for name, value in required.items():
+        if name in cfg and cfg[name] != value:
+            raise ValueError(
+                f'{component}.{name}={cfg[name]!r} contradicts the '
+                f'detector, which needs {name}={value!r} ({flag_hint}); '
+                f'remove {name} from {component} or make it {value!r}.')
+        cfg[name] = value
+    return MODELS.build(cfg)
+
+
+@MODELS.register_module()
+class DeformableDETR(BaseDetector):
+    """Deformable DETR (Zhu et al., ICLR 2021).
+
+    Args:
+        backbone (dict): Backbone config, e.g. mmdet's ResNet.
+        neck (dict): Neck config, e.g. :class:`DeformableDetrNeck`; its
+            ``num_outs`` must equal ``num_feature_levels``.
+        transformer (dict): :class:`DeformableDetrTransformer` config,
+            without ``num_feature_levels``, ``num_queries`` and
+            ``as_two_stage``, which come from this detector.
+        bbox_head (dict): Head config, e.g. ``DeformableDETRHead``, without
+            ``share_pred_layer``, ``num_pred_layer``, ``as_two_stage``,
+            ``train_cfg`` and ``test_cfg``, which come from this detector.
+        num_queries (int): Object queries. Defaults to 300.
+        num_feature_levels (int): Feature levels. Defaults to 4.
+        with_box_refine (bool): Whether every decoder layer refines the
+            boxes of the previous one. Defaults to False.
+        as_two_stage (bool): Whether the queries are the encoder's best
+            proposals. Defaults to False.
+        train_cfg (dict, optional): Training config of the head (assigner).
+        test_cfg (dict, optional): Testing config of the head.
+        data_preprocessor (dict, optional): Data preprocessor config.
+        init_cfg (dict, optional): Initialisation config.
+    """
+
+    def __init__(self,
+                 backbone: dict,
+                 neck: dict,
+                 transformer: dict,
+                 bbox_head: dict,
+                 num_queries: int = 300,
+                 num_feature_levels: int = 4,
+                 with_box_refine: bool = False,
+                 as_two_stage: bool = False,
+                 train_cfg: Optional[dict] = None,
+                 test_cfg: Optional[dict] = None,
+                 data_preprocessor: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(
+            data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.with_box_refine = with_box_refine
+        self.as_two_stage = as_two_stage
+        self.train_cfg = train_cfg
+        self.test_cfg = test_cfg
+
+        self.backbone = MODELS.build(backbone)
+        self.neck = _build_with(neck, dict(num_outs=num_feature_levels),
+                                'model.neck',
+                                'one neck output per feature level')
+        self.transformer = _build_with(
+            transformer,
+            dict(
+                num_feature_levels=num_feature_levels,
+                num_queries=num_queries,
+                as_two_stage=as_two_stage), 'model.transformer',
+            'set by num_feature_levels, num_queries and as_two_stage of '
+            'the detector')
+        self.bbox_head = _build_with(
+            bbox_head, self._head_args(), 'model.bbox_head',
+            'set by with_box_refine and as_two_stage of the detector')
+        self._check_widths()
+
+    def _head_args(self) -> dict:
+        """Head arguments that follow from the detector's flags."""
+        num_decoder_layers = self._decoder_layers()
+        return dict(
+            # Refinement trains one prediction layer per decoder layer;
+            # without it, every decoder layer shares the same layers.
+            share_pred_layer=not self.with_box_refine,
+            # Two-stage scores the encoder's proposals with one more layer.
+            num_pred_layer=num_decoder_layers + int(self.as_two_stage),
+            as_two_stage=self.as_two_stage,
+            train_cfg=self.train_cfg,
+            test_cfg=self.test_cfg)
+
+    def _decoder_layers(self) -> int:
+        """Number of decoder layers, known once the transformer is built."""
+        return self.transformer.decoder.num_layers
+
+    def _check_widths(self) -> None:
+        """Raise a ValueError when the components' widths disagree."""
+        widths = dict(transformer=self.transformer.embed_dims)
+        if hasattr(self.neck, 'out_channels'):
+            widths['neck.out_channels'] = self.neck.out_channels
+        if hasattr(self.bbox_head, 'embed_dims'):
+            widths['bbox_head.embed_dims'] = self.bbox_head.embed_dims
+        if len(set(widths.values())) != 1:
+            raise ValueError('DeformableDETR: the neck, the transformer '
+                             'and the head must have the same width '
+                             f'(embed_dims); got {widths}.')
+
+    # Stage 0: features.
+    def extract_feat(self, batch_inputs: Tensor) -> Tuple[Tensor, ...]:
+        """Backbone and neck.
+
+        Args:
+            batch_inputs (Tensor): (bs, 3, h, w) normalised, padded images.
+
+        Returns:
+            tuple[Tensor]: num_feature_levels maps (bs, embed_dims, h_l, w_l).
+        """
+        return self.neck(self.backbone(batch_inputs))
+
+    # Stage 1: padding masks.
+    @staticmethod
+    def padding_masks(
+            features: Tuple[Tensor, ...],
+            batch_data_samples: OptSampleList) -> Optional[List[Tensor]]:
+        """Per-level masks of the padding added to batch the images.
+
+        Args:
+            features (tuple[Tensor]): Maps (bs, embed_dims, h_l, w_l).
+            batch_data_samples (list[DetDataSample], optional): Give each
+                image's ``img_shape`` and the ``batch_input_shape``.
+
+        Returns:
+            list[Tensor] or None: Masks (bs, h_l, w_l) bool, True at padding;
+            None when no image is padded, which spares the masking work.
+        """
+        if not batch_data_samples:
+            return None
+        padded_height, padded_width = batch_data_samples[0].batch_input_shape
+        image_shapes = [sample.img_shape[:2] for sample in batch_data_samples]
+        if all(shape == (padded_height, padded_width)
+               for shape in map(tuple, image_shapes)):
+            return None
+        masks = features[0].new_ones(
+            (len(image_shapes), padded_height, padded_width))
+        for index, (height, width) in enumerate(image_shapes):
+            masks[index, :height, :width] = 0
+        # Nearest resizing keeps at least one valid row and column per
+        # image on every level, however small the image.
+        return [
+            F.interpolate(masks[None],
+                          size=feature.shape[-2:]).to(torch.bool)[0]
+            for feature in features
+        ]
+
+    def run_transformer(self, features: Tuple[Tensor, ...],
+                        batch_data_samples: OptSampleList) -> Dict:
+        """Stages 1-4: from neck features to the head's inputs.
+
+        Args:
+            features (tuple[Tensor]): Maps (bs, embed_dims, h_l, w_l).
+            batch_data_samples (list[DetDataSample], optional): Image and
+                padded shapes.
+
+        Returns:
+            dict: ``hidden_states`` (num_decoder_layers, bs, num_queries,
+            embed_dims), ``references`` (num_decoder_layers + 1 tensors
+            (bs, num_queries, 2 or 4)), and ``enc_outputs_class``
+            (bs, num_keys, num_classes) and ``enc_outputs_coord``
+            (bs, num_keys, 4), both None unless two-stage.
+        """
+        transformer = self.transformer
+        inputs = transformer.flatten_levels(
+            list(features), self.padding_masks(features, batch_data_samples))
+        memory = transformer.encode(inputs)
+        proposal_branches = {}
+        if self.as_two_stage:
+            # The head's extra prediction layers score the proposals.
+            proposal_branches = dict(
+                proposal_cls_branch=self.bbox_head.cls_branches[
+                    self._decoder_layers()],
+                proposal_reg_branch=self.bbox_head.reg_branches[
+                    self._decoder_layers()])
+        queries = transformer.initial_queries(memory, inputs,
+                                              **proposal_branches)
+        hidden_states, references = transformer.decode(
+            queries,
+            memory,
+            inputs,
+            reg_branches=self.bbox_head.reg_branches
+            if self.with_box_refine else None)
+        return dict(
+            hidden_states=hidden_states,
+            references=references,
+            enc_outputs_class=queries.enc_outputs_class,
+            enc_outputs_coord=queries.enc_outputs_coord)
+
+    # Stage 5: the head.
+    def loss(self, batch_inputs: Tensor,
+             batch_data_samples: SampleList) -> Dict[str, Tensor]:
+        """Losses of a batch with ground truth.
+
+        Args:
+            batch_inputs (Tensor): (bs, 3, h, w) normalised, padded images.
+            batch_data_samples (list[DetDataSample]): Ground truth and shapes.
+
+        Returns:
+            dict[str, Tensor]: Loss terms of every decoder layer (and of the
+            encoder's proposals in two-stage).
+        """
+        head_inputs = self.run_transformer(
+            self.extract_feat(batch_inputs), batch_data_samples)
+        return self.bbox_head.loss(
+            **head_inputs, batch_data_samples=batch_data_samples)
+
+    def predict(self,
+                batch_inputs: Tensor,
+                batch_data_samples: SampleList,
+                rescale: bool = True) -> SampleList:
+        """Detections of a batch.
+
+        Args:
+            batch_inputs (Tensor): (bs, 3, h, w) normalised, padded images.
+            batch_data_samples (list[DetDataSample]): Image metadata.
+            rescale (bool): Whether boxes are in original image pixels.
+                Defaults to True.
+
+        Returns:
+            list[DetDataSample]: The samples with ``pred_instances`` (scores,
+            labels, bboxes as (x1, y1, x2, y2)).
+        """
+        head_inputs = self.run_transformer(
+            self.extract_feat(batch_inputs), batch_data_samples)
+        results = self.bbox_head.predict(
+            head_inputs['hidden_states'],
+            head_inputs['references'],
+            batch_data_samples=batch_data_samples,
+            rescale=rescale)
+        return self.add_pred_to_datasample(batch_data_samples, results)
+
+    def _forward(self,
+                 batch_inputs: Tensor,
+                 batch_data_samples: OptSampleList = None) -> Tuple[Tensor]:
+        """Raw head outputs, without post-processing.
+
+        Args:
+            batch_inputs (Tensor): (bs, 3, h, w) normalised, padded images.
+            batch_data_samples (list[DetDataSample], optional): Image
+                metadata; without it the images count as unpadded.
+
+        Returns:
+            tuple[Tensor]: The head's ``forward`` outputs.
+        """
+        head_inputs = self.run_transformer(
+            self.extract_feat(batch_inputs), batch_data_samples)
+        return self.bbox_head.forward(head_inputs['hidden_states'],
+                                      head_inputs['references'])

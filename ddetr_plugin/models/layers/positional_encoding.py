@@ -1,0 +1,118 @@
+"""Sine positional encodings of feature maps and of proposal boxes.
+
+The encoder knows where a feature sits only through these encodings: each
+position gets sines and cosines of its (y, x) coordinates at geometrically
+spaced frequencies, as in DETR.
+"""
+import math
+from typing import Optional
+
+import torch
+from mmengine.model import BaseModule
+from torch import Tensor
+
+from ddetr_plugin.registry import MODELS
+
+
+def _interleave_sin_cos(angles: Tensor) -> Tensor:
+    """Sine of even channels and cosine of odd ones, interleaved.
+
+    Args:
+        angles (Tensor): (..., num_feats), ``num_feats`` even.
+
+    Returns:
+        Tensor: (..., num_feats): sin(a0), cos(a1), sin(a2), cos(a3), ...
+    """
+    return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()),
+                       dim=-1).flatten(-2)
+
+
+def _frequencies(num_feats: int, temperature: float,
+                 device: torch.device) -> Tensor:
+    """(num_feats,) divisors; channels 2i and 2i+1 share one frequency."""
+    channel = torch.arange(num_feats, dtype=torch.float32, device=device)
+    return temperature**(2 * (channel // 2) / num_feats)
+
+
+@MODELS.register_module()
+class SinePositionalEncoding(BaseModule):
+    """Sine encoding of the (y, x) position of every valid pixel.
+
+    Coordinates count valid pixels only (a cumulative sum over the unmasked
+    area), so padding does not shift the encoding of an image.
+
+    Args:
+        num_feats (int): Channels per axis; the output has ``2 * num_feats``
+            channels, y's first.
+        temperature (float): Base of the frequencies. Defaults to 10000.
+        normalize (bool): Whether to rescale coordinates to
+            [0, ``scale``] over each image's valid extent. Defaults to False.
+        scale (float): Range of normalised coordinates. Defaults to 2 * pi.
+        eps (float): Added to the extent before dividing. Defaults to 1e-6.
+        offset (float): Added to the 1-based coordinates before normalising;
+            -0.5 puts them at pixel centres, as Deformable DETR does.
+            Defaults to 0.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+    """
+
+    def __init__(self,
+                 num_feats: int,
+                 temperature: float = 10000,
+                 normalize: bool = False,
+                 scale: float = 2 * math.pi,
+                 eps: float = 1e-6,
+                 offset: float = 0.,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if num_feats % 2 != 0:
+            raise ValueError('SinePositionalEncoding needs an even num_feats '
+                             f'(sine/cosine pairs); got {num_feats}.')
+        self.num_feats = num_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = scale
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """Encode every position of a batch of padded feature maps.
+
+        Args:
+            mask (Tensor): (bs, h, w) bool, True at padded positions.
+
+        Returns:
+            Tensor: (bs, 2 * num_feats, h, w).
+        """
+        valid = (~mask).to(torch.float32)
+        y_embed = valid.cumsum(1)
+        x_embed = valid.cumsum(2)
+        if self.normalize:
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] +
+                                                 self.eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] +
+                                                 self.eps) * self.scale
+        frequencies = _frequencies(self.num_feats, self.temperature,
+                                   mask.device)
+        pos_x = _interleave_sin_cos(x_embed[..., None] / frequencies)
+        pos_y = _interleave_sin_cos(y_embed[..., None] / frequencies)
+        return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
+
+
+def proposal_positional_encoding(proposals: Tensor,
+                                 num_feats: int = 128,
+                                 temperature: float = 10000) -> Tensor:
+    """Sine encoding of proposal boxes, used by two-stage query selection.
+
+    Args:
+        proposals (Tensor): (bs, num_queries, 4) unnormalised (before
+            sigmoid) (cx, cy, w, h).
+        num_feats (int): Channels per box coordinate. Defaults to 128, the
+            official model's value whatever its embed_dims.
+        temperature (float): Base of the frequencies. Defaults to 10000.
+
+    Returns:
+        Tensor: (bs, num_queries, 4 * num_feats), cx's channels first.
+    """
+    frequencies = _frequencies(num_feats, temperature, proposals.device)
+    angles = proposals.sigmoid() * (2 * math.pi)
+    return _interleave_sin_cos(angles[..., None] / frequencies).flatten(2)

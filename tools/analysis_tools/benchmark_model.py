@@ -1,0 +1,186 @@
+"""Time the plugin's Deformable DETR against mmdet 3.3.0's, same weights.
+
+Both models are built in one process from their own R50 configs (random
+weights, no download); mmdet's weights are copied into the plugin's model,
+so both compute the same function. The script times
+
+* inference: ``predict`` on one image (800x1216 by default), and
+* a training step: ``loss`` + ``backward`` on a batch (2x512x512 default),
+
+each as the median of a few runs after warm-up, and prints the plugin's
+time as a ratio of mmdet's. Example::
+
+    python tools/analysis_tools/benchmark_model.py --threads 2
+
+Targets on CPU: inference <= 0.5x and a training step <= 0.6x mmdet's.
+"""
+import argparse
+import os.path as osp
+import statistics
+import time
+from typing import Callable, List
+
+import mmdet
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.structures import InstanceData
+
+import ddetr_plugin
+from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+VARIANT = 'deformable-detr_r50_16xb2-50e_coco.py'
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument(
+        '--variant',
+        default=VARIANT,
+        help='config file name, the same in mmdet\'s and the plugin\'s '
+        'configs/deformable_detr/')
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument(
+        '--infer-size',
+        type=int,
+        nargs=2,
+        default=[800, 1216],
+        metavar=('H', 'W'))
+    parser.add_argument(
+        '--train-size',
+        type=int,
+        nargs=3,
+        default=[2, 512, 512],
+        metavar=('BATCH', 'H', 'W'))
+    parser.add_argument('--skip-train', action='store_true')
+    parser.add_argument('--skip-infer', action='store_true')
+    return parser.parse_args()
+
+
+def build_models(variant: str, device: str):
+    """mmdet's model and the plugin's, with mmdet's random weights."""
+    configs = {
+        'mmdet':
+        osp.join(
+            osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr',
+            variant),
+        'ddetr_plugin':
+        osp.join(REPO, 'configs', 'deformable_detr', variant),
+    }
+    models = {}
+    for scope, path in configs.items():
+        cfg = Config.fromfile(path).model
+        cfg.backbone.init_cfg = None
+        with DefaultScope.overwrite_default_scope(scope):
+            if scope == 'mmdet':
+                from mmdet.registry import MODELS
+                from mmdet.utils import register_all_modules
+                register_all_modules(init_default_scope=False)
+            else:
+                from ddetr_plugin.registry import MODELS
+            models[scope] = MODELS.build(cfg).to(device)
+    models['mmdet'].init_weights()
+    load_converted(models['ddetr_plugin'],
+                   convert_mmdet_state_dict(models['mmdet'].state_dict()))
+    return models['mmdet'], models['ddetr_plugin']
+
+
+def make_data(model, sizes: List[tuple], training: bool) -> dict:
+    """Random images (and one box each) through the preprocessor, which
+    also moves them to the model's device."""
+    generator = torch.Generator().manual_seed(0)
+    inputs, samples = [], []
+    for height, width in sizes:
+        inputs.append(
+            torch.randint(0, 256, (3, height, width),
+                          generator=generator).byte())
+        sample = DetDataSample(
+            metainfo=dict(
+                img_shape=(height, width),
+                ori_shape=(height, width),
+                scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(
+            bboxes=torch.tensor(
+                [[0.1 * width, 0.2 * height, 0.6 * width, 0.7 * height]]),
+            labels=torch.tensor([1]))
+        samples.append(sample)
+    return model.data_preprocessor(
+        dict(inputs=inputs, data_samples=samples), training)
+
+
+def median_time(function: Callable[[], None], warmup: int, runs: int) -> float:
+    """Median wall time of ``function`` in seconds."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_inference(model, data: dict, warmup: int, runs: int) -> float:
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model.predict(data['inputs'], data['data_samples'])
+
+    return median_time(run, warmup, runs)
+
+
+def time_training_step(model, data: dict, warmup: int, runs: int) -> float:
+    model.train()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        losses = model.loss(data['inputs'], data['data_samples'])
+        sum(losses.values()).backward()
+
+    return median_time(run, warmup, runs)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    reference, plugin = build_models(args.variant, args.device)
+    from ddetr_plugin import ops
+    compiled = getattr(ops, 'extension_loaded', lambda: False)()
+    print(f'{args.variant}, device {args.device}, {args.threads} threads, '
+          f'torch {torch.__version__}, ddetr_plugin '
+          f'{ddetr_plugin.__version__}, compiled op loaded: {compiled}')
+    rows = []
+    if not args.skip_infer:
+        data = make_data(reference, [tuple(args.infer_size)], False)
+        times = [
+            time_inference(model, data, args.warmup, args.runs)
+            for model in (reference, plugin)
+        ]
+        rows.append((f'inference 1x{args.infer_size[0]}x'
+                     f'{args.infer_size[1]}', *times))
+    if not args.skip_train:
+        batch_size, height, width = args.train_size
+        data = make_data(reference, [(height, width)] * batch_size, True)
+        times = [
+            time_training_step(model, data, args.warmup, args.runs)
+            for model in (reference, plugin)
+        ]
+        rows.append((f'training step {batch_size}x{height}x{width}', *times))
+    print(f'{"":32s} {"mmdet (s)":>10s} {"plugin (s)":>11s} {"ratio":>7s}')
+    for name, reference_time, plugin_time in rows:
+        print(f'{name:32s} {reference_time:10.3f} {plugin_time:11.3f} '
+              f'{plugin_time / reference_time:7.3f}')
+
+
+if __name__ == '__main__':
+    main()
