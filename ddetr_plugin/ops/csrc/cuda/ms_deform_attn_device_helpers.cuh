@@ -71,9 +71,11 @@ struct BilinearCorners {
 // Locates a normalised sampling point on a (height, width) map with the
 // conventions of grid_sample(align_corners=False, padding_mode='zeros'):
 // pixel coordinate = location * size - 0.5. A point contributes as long as
-// one of its corners is inside, that is pixel coordinates in (-1, size).
+// one of its corners is inside, that is pixel coordinates in [-1, size).
+// At exactly -1 the sampled value is zero but its slope is not, and
+// grid_sample (the reference) counts that slope, hence the closed bound.
 // The comparisons are false for NaN, so NaN reads as outside, and the
-// integer conversion only ever sees coordinates inside (-1, size): a huge or
+// integer conversion only ever sees coordinates inside [-1, size): a huge or
 // infinite location can never produce an out-of-bounds index.
 template <typename opmath_t>
 __device__ __forceinline__ BilinearCorners<opmath_t> locate_corners(
@@ -84,7 +86,7 @@ __device__ __forceinline__ BilinearCorners<opmath_t> locate_corners(
       location_y * static_cast<opmath_t>(height) - opmath_t(0.5);
   const opmath_t pixel_x =
       location_x * static_cast<opmath_t>(width) - opmath_t(0.5);
-  corners.any_inside = pixel_y > opmath_t(-1) && pixel_x > opmath_t(-1) &&
+  corners.any_inside = pixel_y >= opmath_t(-1) && pixel_x >= opmath_t(-1) &&
                        pixel_y < static_cast<opmath_t>(height) &&
                        pixel_x < static_cast<opmath_t>(width);
   if (!corners.any_inside) {

@@ -102,8 +102,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           if (corners.keys[corner] < 0) {
             continue;
           }
-          const ChannelPack<scalar_t, kWidth> pack = load_pack<scalar_t, kWidth>(
-              value_level + corners.keys[corner] * key_stride);
+          const ChannelPack<scalar_t, kWidth> pack =
+              load_pack<scalar_t, kWidth>(value_level +
+                                          corners.keys[corner] * key_stride);
           const opmath_t scale = attention * corners.weights[corner];
 #pragma unroll
           for (int lane_channel = 0; lane_channel < kWidth; ++lane_channel) {

@@ -1,0 +1,473 @@
+"""The CUDA kernels of ``ms_deform_attn`` against the float64 reference.
+
+Every comparison runs ``ms_deform_attn_reference`` in float64 on the CPU on
+the very inputs the kernel saw (rounded to the dtype under test), so the
+tolerances measure the kernels' own arithmetic: float32 accumulation for
+half inputs and, in the backward, half-precision atomics into grad_value.
+
+Every test skips, with the reason, when there is no CUDA device or when
+``ddetr_plugin._C`` has no CUDA kernel (a CPU-only build). Nothing touches
+CUDA at import time: the check runs in a fixture.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
+from ddetr_plugin.ops.extension import (extension_error, extension_loaded,
+                                        kernel_device_types)
+
+pytestmark = pytest.mark.cuda
+
+FORWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_forward'
+BACKWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_backward'
+HALF_TYPES = (torch.float16, torch.bfloat16)
+DTYPES = [
+    pytest.param(torch.float64, id='fp64'),
+    pytest.param(torch.float32, id='fp32'),
+    pytest.param(torch.float16, id='fp16'),
+    pytest.param(torch.bfloat16, id='bf16'),
+]
+
+# Largest error allowed, relative to max(1, largest reference magnitude),
+# for the output, grad_value, and the gradients of locations and weights.
+# Measured on a CPU emulation of the kernels: fp16 and bf16 outputs lose one
+# rounding (2^-11, 2^-8), grad_value also one rounding per atomic add; the
+# location and weight gradients are float32 sums for every half type.
+TOLERANCES = {
+    torch.float64: dict(output=1e-10, value=1e-10, sampling=1e-10),
+    torch.float32: dict(output=1e-4, value=1e-4, sampling=1e-4),
+    torch.float16: dict(output=2e-3, value=2e-2, sampling=1e-3),
+    torch.bfloat16: dict(output=1.6e-2, value=8e-2, sampling=1e-3),
+}
+
+# (batch_size, num_heads, head_dims, level_shapes, num_queries, num_points):
+# head_dims picks the kernels' channel packing (1, 2, 4 or 8 channels per
+# thread; 1 or 2 per lane and 1, 2, 4 ... 32 lanes per query head in the
+# backward; more channels than lanes for 71, 128 and 1025).
+CASES = [
+    pytest.param(3, 4, 1, ((5, 7), (3, 2)), 9, 3, id='head_dims1-batch3'),
+    pytest.param(
+        1, 2, 30, ((6, 4), (3, 3), (1, 2)), 11, 2, id='head_dims30-batch1'),
+    pytest.param(
+        2,
+        8,
+        32, ((8, 8), (4, 4), (2, 2), (1, 1)),
+        13,
+        4,
+        id='head_dims32-batch2'),
+    pytest.param(5, 3, 71, ((4, 5), (2, 3)), 6, 2, id='head_dims71-batch5'),
+    pytest.param(4, 2, 128, ((4, 4), (2, 3)), 5, 2, id='head_dims128-batch4'),
+    pytest.param(1, 1, 1025, ((3, 4), ), 4, 2, id='head_dims1025-batch1'),
+    pytest.param(2, 3, 6, ((4, 4), ), 7, 3, id='head_dims6-batch2'),
+]
+
+
+def cuda_kernel_missing_reason():
+    """Why the CUDA kernels cannot be tested here, or None."""
+    if not torch.cuda.is_available():
+        return 'no CUDA device (torch.cuda.is_available() is False)'
+    if not extension_loaded():
+        return f'ddetr_plugin._C did not load: {extension_error()}'
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            FORWARD_OPERATOR, 'CUDA'):
+        return ('ddetr_plugin._C has no CUDA kernel (built without CUDA); '
+                'rebuild with nvcc and a CUDA build of torch')
+    return None
+
+
+@pytest.fixture(autouse=True)
+def require_cuda_kernel():
+    reason = cuda_kernel_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def location_dtype(dtype):
+    """dtype of the locations and weights the kernels take with a value."""
+    return torch.float32 if dtype in HALF_TYPES else dtype
+
+
+def to_cuda(inputs, dtype):
+    """The float64 CPU inputs as the kernels take them, on the GPU.
+
+    Returns:
+        list[Tensor]: value in ``dtype``, the int64 level tensors, and the
+        locations and weights in ``location_dtype(dtype)``.
+    """
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    coordinate_dtype = location_dtype(dtype)
+    return [
+        value.to('cuda', dtype),
+        spatial_shapes.cuda(),
+        level_start_index.cuda(),
+        locations.to('cuda', coordinate_dtype),
+        weights.to('cuda', coordinate_dtype),
+    ]
+
+
+def reference_results(inputs, grad_output):
+    """Float64 CPU reference of the output and the three gradients.
+
+    Args:
+        inputs (list[Tensor]): the op's five inputs, on any device and dtype.
+        grad_output (Tensor): (bs, num_queries, num_heads * head_dims).
+
+    Returns:
+        tuple[Tensor]: output, grad of value, of sampling_locations and of
+        attention_weights, float64 on the CPU.
+    """
+    value, spatial_shapes, level_start_index, locations, weights = [
+        tensor.detach().cpu() for tensor in inputs
+    ]
+    leaves = [
+        tensor.double().requires_grad_()
+        for tensor in (value, locations, weights)
+    ]
+    output = ms_deform_attn_reference(leaves[0], spatial_shapes,
+                                      level_start_index, leaves[1], leaves[2])
+    output.backward(grad_output.detach().cpu().double())
+    return (output.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad)
+
+
+def assert_matches(actual, expected, tolerance, name):
+    """Max error of ``actual`` within ``tolerance * max(1, |expected|)``."""
+    assert actual.shape == expected.shape, (
+        f'{name}: expected shape {tuple(expected.shape)}, got '
+        f'{tuple(actual.shape)}')
+    scale = 1.0
+    if expected.numel():
+        scale = max(scale, expected.abs().max().item())
+    torch.testing.assert_close(
+        actual.detach().cpu().double(),
+        expected,
+        atol=tolerance * scale,
+        rtol=0.0,
+        msg=lambda message: f'{name}: {message}')
+
+
+def assert_all_match(results, expected, dtype):
+    tolerance = TOLERANCES[dtype]
+    names = ('output', 'grad_value', 'grad_sampling_locations',
+             'grad_attention_weights')
+    tolerances = (tolerance['output'], tolerance['value'],
+                  tolerance['sampling'], tolerance['sampling'])
+    for result, want, name, limit in zip(results, expected, names, tolerances):
+        assert_matches(result, want, limit, f'{name} ({dtype})')
+
+
+def compiled_op_results(inputs, grad_output):
+    """Output and gradients straight from the CUDA kernels."""
+    output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+    gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+        grad_output, *inputs)
+    torch.cuda.synchronize()
+    return (output, *gradients)
+
+
+def front_results(inputs, grad_output):
+    """Output and gradients through ``ms_deform_attn`` and autograd."""
+    leaves = [
+        tensor.detach().clone().requires_grad_(tensor.is_floating_point())
+        for tensor in inputs
+    ]
+    output = ms_deform_attn(*leaves)
+    output.backward(grad_output)
+    torch.cuda.synchronize()
+    return (output, leaves[0].grad, leaves[3].grad, leaves[4].grad)
+
+
+def random_grad_output(inputs, dtype, seed=1):
+    value, _, _, locations, _ = inputs
+    generator = torch.Generator().manual_seed(seed)
+    shape = (value.shape[0], locations.shape[1],
+             value.shape[2] * value.shape[3])
+    return torch.randn(
+        shape, generator=generator, dtype=torch.float64).to('cuda', dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize(('batch_size', 'num_heads', 'head_dims',
+                          'level_shapes', 'num_queries', 'num_points'), CASES)
+def test_compiled_op_matches_reference(random_inputs, dtype, batch_size,
+                                       num_heads, head_dims, level_shapes,
+                                       num_queries, num_points):
+    inputs = to_cuda(
+        random_inputs(
+            batch_size=batch_size,
+            level_shapes=level_shapes,
+            num_queries=num_queries,
+            num_heads=num_heads,
+            head_dims=head_dims,
+            num_points=num_points,
+            low=-0.15,
+            high=1.15,
+            seed=head_dims), dtype)
+    grad_output = random_grad_output(inputs, dtype)
+    results = compiled_op_results(inputs, grad_output)
+    output, grad_value, grad_locations, grad_weights = results
+    assert output.dtype == dtype and output.is_cuda
+    assert grad_value.dtype == dtype
+    assert grad_locations.dtype == location_dtype(dtype)
+    assert grad_weights.dtype == location_dtype(dtype)
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_front_matches_reference_on_cuda(random_inputs, dtype, monkeypatch):
+    front = importlib.import_module('ddetr_plugin.ops.ms_deform_attn')
+
+    def fallback_used(*args, **kwargs):
+        raise AssertionError('the plain-PyTorch fallback served a CUDA call')
+
+    # Any path through the reference would now fail the test.
+    monkeypatch.setattr(front, '_reference_in_compute_dtype', fallback_used)
+    monkeypatch.setattr(front, 'ms_deform_attn_reference', fallback_used)
+    assert 'cuda' in kernel_device_types()
+    inputs = to_cuda(
+        random_inputs(
+            batch_size=2,
+            level_shapes=((6, 8), (3, 4), (2, 2)),
+            num_queries=10,
+            num_heads=4,
+            head_dims=32,
+            num_points=3,
+            seed=7), dtype)
+    grad_output = random_grad_output(inputs, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        results = front_results(inputs, grad_output)
+    # The fallback also announces itself with a warning.
+    fallback_warnings = [
+        str(warning.message) for warning in caught
+        if 'reference' in str(warning.message)
+    ]
+    assert not fallback_warnings
+    assert results[0].dtype == dtype
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_borders_and_outside_match_reference(random_inputs, border_locations,
+                                             dtype):
+    # Power-of-two sizes make every special location exact in binary, so
+    # samples on pixel -1 and on the borders land exactly there for both
+    # the kernel and the reference, whose slopes must then agree too.
+    level_shapes = ((4, 8), (2, 2), (1, 4))
+    inputs = random_inputs(
+        batch_size=2,
+        level_shapes=level_shapes,
+        num_queries=10,
+        num_heads=2,
+        head_dims=5,
+        num_points=10)
+    inputs[3] = border_locations(level_shapes, batch_size=2, num_heads=2)
+    inputs = to_cuda(inputs, dtype)
+    grad_output = random_grad_output(inputs, dtype)
+    results = compiled_op_results(inputs, grad_output)
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_non_finite_locations_read_zeros(random_inputs, dtype):
+    inputs = random_inputs(
+        batch_size=2,
+        level_shapes=((3, 5), (2, 2)),
+        num_queries=6,
+        num_heads=2,
+        head_dims=4,
+        num_points=2)
+    locations = inputs[3]
+    bad_samples = [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 1, 1), (1, 2, 0, 0, 1, 0),
+                   (1, 3, 1, 1, 0, 1), (0, 4, 0, 1, 0, 0), (1, 5, 1, 0, 0, 1)]
+    bad_values = [
+        float('nan'),
+        float('nan'),
+        float('inf'),
+        float('-inf'), 1e30, -1e30
+    ]
+    for index, bad in zip(bad_samples, bad_values):
+        locations[index] = bad
+    inputs = to_cuda(inputs, dtype)
+    grad_output = random_grad_output(inputs, dtype)
+    results = compiled_op_results(inputs, grad_output)
+    for result in results:
+        assert torch.isfinite(result).all()
+    grad_locations = results[2]
+    for index in bad_samples:
+        # A sample outside the map has no slope in x nor in y.
+        assert grad_locations[index[:5]].abs().max().item() == 0.0
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_unaligned_value_matches_reference(random_inputs, dtype):
+    # A contiguous value starting one element into its storage cannot be
+    # read in packs; the launcher must notice and read channel by channel.
+    inputs = to_cuda(
+        random_inputs(
+            batch_size=2,
+            level_shapes=((4, 4), (2, 2)),
+            num_queries=5,
+            num_heads=2,
+            head_dims=32,
+            num_points=2), dtype)
+    value = inputs[0]
+    storage = torch.empty(value.numel() + 1, dtype=dtype, device='cuda')
+    shifted = storage[1:].view(value.shape)
+    shifted.copy_(value)
+    assert shifted.is_contiguous() and shifted.storage_offset() == 1
+    inputs[0] = shifted
+    grad_output = random_grad_output(inputs, dtype)
+    shifted_grad = torch.empty(
+        grad_output.numel() + 1, dtype=dtype, device='cuda')[1:]
+    shifted_grad = shifted_grad.view(grad_output.shape).copy_(grad_output)
+    results = compiled_op_results(inputs, shifted_grad)
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize(('batch_size', 'num_queries', 'num_points'),
+                         [(2, 0, 2), (0, 3, 2), (2, 3, 0)],
+                         ids=['no-queries', 'no-batch', 'no-points'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_empty_inputs(random_inputs, dtype, batch_size, num_queries,
+                      num_points):
+    inputs = to_cuda(
+        random_inputs(
+            batch_size=batch_size,
+            num_queries=num_queries,
+            num_points=num_points,
+            num_heads=2,
+            head_dims=4), dtype)
+    grad_output = random_grad_output(inputs, dtype)
+    output, grad_value, grad_locations, grad_weights = compiled_op_results(
+        inputs, grad_output)
+    assert output.shape == (batch_size, num_queries, 8)
+    # No sample: the output is a sum over nothing.
+    assert (output == 0).all()
+    assert grad_value.shape == inputs[0].shape
+    assert (grad_value == 0).all()
+    assert grad_locations.shape == inputs[3].shape
+    assert grad_weights.shape == inputs[4].shape
+
+
+def test_gradcheck_float64(random_inputs, off_kink_locations):
+    inputs = random_inputs(
+        batch_size=2,
+        level_shapes=((3, 4), (2, 2)),
+        num_queries=3,
+        num_heads=2,
+        head_dims=3,
+        num_points=2)
+    inputs[3] = off_kink_locations(inputs[1], inputs[4].shape)
+    inputs = [
+        tensor.cuda().requires_grad_(tensor.is_floating_point())
+        for tensor in to_cuda(inputs, torch.float64)
+    ]
+    # Atomic adds in a different order change grad_value in its last bits.
+    assert torch.autograd.gradcheck(
+        ms_deform_attn, tuple(inputs), eps=1e-6, atol=1e-5, nondet_tol=1e-12)
+
+
+# Repeated runs may add grad_value's atomics in another order, hence
+# tolerances of a few units in the last place of the dtype.
+@pytest.mark.parametrize(('dtype', 'tolerance'), [(torch.float32, 1e-5),
+                                                  (torch.bfloat16, 3e-2)])
+def test_opcheck_on_cuda(random_inputs, dtype, tolerance):
+    inputs = to_cuda(random_inputs(), dtype)
+    forward_inputs = tuple(
+        tensor.requires_grad_(tensor.is_floating_point()) for tensor in inputs)
+    torch.library.opcheck(
+        torch.ops.ddetr_plugin.ms_deform_attn_forward,
+        forward_inputs,
+        rtol=tolerance,
+        atol=tolerance)
+    grad_output = random_grad_output(inputs, dtype)
+    torch.library.opcheck(
+        torch.ops.ddetr_plugin.ms_deform_attn_backward,
+        (grad_output, *[t.detach() for t in inputs]),
+        rtol=tolerance,
+        atol=tolerance)
+
+
+def test_mismatched_dtypes_name_the_problem(random_inputs):
+    inputs = to_cuda(random_inputs(), torch.float16)
+    inputs[3] = inputs[3].half()
+    inputs[4] = inputs[4].half()
+    with pytest.raises(
+            RuntimeError,
+            match='expected sampling_locations and '
+            'attention_weights of dtype Float'):
+        torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+
+
+def test_mismatched_shapes_name_the_problem(random_inputs):
+    inputs = to_cuda(random_inputs(), torch.float32)
+    inputs[4] = inputs[4][:, :, :, :, :1].contiguous()
+    with pytest.raises(
+            RuntimeError, match='expected attention_weights of '
+            'shape'):
+        torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+
+
+def test_runs_on_the_inputs_device(random_inputs):
+    if torch.cuda.device_count() < 2:
+        pytest.skip('needs two CUDA devices')
+    inputs = [
+        tensor.to('cuda:1')
+        for tensor in to_cuda(random_inputs(), torch.float32)
+    ]
+    grad_output = random_grad_output(inputs, torch.float32).to('cuda:1')
+    with torch.cuda.device(0):
+        results = compiled_op_results(inputs, grad_output)
+    assert all(result.device == torch.device('cuda:1') for result in results)
+    assert_all_match(results, reference_results(inputs, grad_output),
+                     torch.float32)
+
+
+def test_offsets_beyond_int32(level_tensors):
+    # value has more than 2**31 elements and the sampled rows lie past that
+    # index: 32-bit offsets would read the wrong rows (or fault).
+    height, width, head_dims = 8200, 8192, 32
+    value_bytes = height * width * head_dims * 2
+    total_memory = torch.cuda.get_device_properties(0).total_memory
+    if 3 * value_bytes > total_memory:
+        pytest.skip(f'needs {3 * value_bytes / 2**30:.0f} GiB of GPU memory')
+    spatial_shapes, level_start_index, num_keys = level_tensors([(height,
+                                                                  width)])
+    assert num_keys * head_dims > 2**31
+    value = torch.zeros(
+        1, num_keys, 1, head_dims, dtype=torch.float16, device='cuda')
+    # The last two rows hold the same channels, so any sample between them
+    # reads exactly those channels, whatever its bilinear weights.
+    channels = torch.arange(1, head_dims + 1, device='cuda') / 8
+    value[0, (height - 2) * width:, 0] = channels.half()
+    # Half way between the two last rows, in the middle of the width.
+    location = torch.tensor([0.5, (height - 1) / height], device='cuda')
+    locations = location.view(1, 1, 1, 1, 1, 2)
+    weights = torch.ones(1, 1, 1, 1, 1, device='cuda')
+    inputs = [
+        value,
+        spatial_shapes.cuda(),
+        level_start_index.cuda(), locations, weights
+    ]
+    grad_output = torch.ones(
+        1, 1, head_dims, dtype=torch.float16, device='cuda')
+    output, grad_value, grad_locations, grad_weights = compiled_op_results(
+        inputs, grad_output)
+    torch.testing.assert_close(
+        output.view(-1).float(), channels.float(), atol=1e-3, rtol=0)
+    # The four corners are past 2**31 elements; their weights sum to one.
+    corner_rows = grad_value[0, (height - 2) * width:, 0].float()
+    torch.testing.assert_close(
+        corner_rows.sum(0), torch.ones_like(channels), atol=2e-3, rtol=0)
+    # Nothing else was written (summed without a float32 copy of 4 GiB).
+    assert grad_value.sum(dtype=torch.float32).item() == pytest.approx(
+        head_dims, abs=0.1)
+    assert grad_locations.abs().max().item() < 1e-3
+    torch.testing.assert_close(
+        grad_weights.view(()).float(),
+        channels.sum().float(),
+        atol=1e-3,
+        rtol=1e-4)
