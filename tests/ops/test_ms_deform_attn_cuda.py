@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+
 from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_plugin.ops.extension import (extension_error, extension_loaded,
                                         kernel_device_types)
