@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
 from .checks import check_inputs
 from .extension import extension_error, extension_loaded, kernel_device_types
 from .reference import ms_deform_attn_reference

@@ -21,6 +21,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -39,6 +40,14 @@ namespace {
 #define DDETR_CPU_CLONES
 #endif
 
+// Helpers of the hot loops must be inlined into each clone to be compiled
+// for its instruction set.
+#if defined(__GNUC__)
+#define DDETR_INLINE inline __attribute__((always_inline))
+#else
+#define DDETR_INLINE inline
+#endif
+
 // One bilinear sample: the four corners as rows of hd channels and their
 // interpolation weights. Corners outside the map point at a row of zeros
 // with weight zero, so the channel loops need no branch.
@@ -52,7 +61,7 @@ template <typename scalar_t> struct BilinearSample {
 // in a level starting at key level_start. Returns false when the sample lies
 // wholly outside the map (or is NaN) and contributes nothing.
 template <typename scalar_t>
-inline bool locate_sample(scalar_t x, scalar_t y, int64_t height,
+DDETR_INLINE bool locate_sample(scalar_t x, scalar_t y, int64_t height,
                           int64_t width, int64_t level_start, int64_t num_heads,
                           int64_t head, int64_t head_dims,
                           BilinearSample<scalar_t> &sample) {
@@ -93,7 +102,7 @@ inline bool locate_sample(scalar_t x, scalar_t y, int64_t height,
 
 // output[c] += sum over corners of weight * corner[c].
 template <typename scalar_t>
-inline void accumulate_corners(scalar_t *__restrict__ output,
+DDETR_INLINE void accumulate_corners(scalar_t *__restrict__ output,
                                const scalar_t *__restrict__ corner0,
                                const scalar_t *__restrict__ corner1,
                                const scalar_t *__restrict__ corner2,
@@ -107,7 +116,23 @@ inline void accumulate_corners(scalar_t *__restrict__ output,
   }
 }
 
-// Forward for the (batch, query) pairs [begin, end).
+// Hints the cache to fetch the first lines of a corner row early: samples
+// land anywhere in the value, so their rows are rarely cached.
+template <typename scalar_t>
+DDETR_INLINE void prefetch_row(const scalar_t *row, int64_t head_dims) {
+  constexpr int64_t line = 64;
+  const int64_t bytes = head_dims * static_cast<int64_t>(sizeof(scalar_t));
+  const char *start = reinterpret_cast<const char *>(row);
+  for (int64_t offset = 0; offset < bytes && offset < 4 * line;
+       offset += line) {
+    __builtin_prefetch(start + offset);
+  }
+}
+
+// Forward for the (batch, query) pairs [begin, end). Each (pair, head)
+// first locates all its nl * np samples and prefetches their corner rows,
+// then accumulates them: the memory requests of a whole block are in flight
+// together instead of one sample at a time.
 template <typename scalar_t>
 DDETR_CPU_CLONES void
 forward_range(int64_t begin, int64_t end, const scalar_t *value,
@@ -116,19 +141,23 @@ forward_range(int64_t begin, int64_t end, const scalar_t *value,
               const scalar_t *zeros, scalar_t *output, int64_t num_keys,
               int64_t num_queries, int64_t num_heads, int64_t head_dims,
               int64_t num_levels, int64_t num_points) {
+  const int64_t samples_per_head = num_levels * num_points;
+  // Corner rows and their final weights of the samples of one (pair, head).
+  std::vector<const scalar_t *> staged_rows(4 * samples_per_head);
+  std::vector<scalar_t> staged_weights(4 * samples_per_head);
   BilinearSample<scalar_t> sample;
   for (int64_t pair = begin; pair < end; ++pair) {
     const int64_t batch = pair / num_queries;
-    const scalar_t *batch_value = value + batch * num_keys * num_heads * head_dims;
+    const scalar_t *batch_value =
+        value + batch * num_keys * num_heads * head_dims;
     scalar_t *output_row = output + pair * num_heads * head_dims;
     for (int64_t c = 0; c < num_heads * head_dims; ++c) {
       output_row[c] = scalar_t(0);
     }
     for (int64_t head = 0; head < num_heads; ++head) {
-      scalar_t *head_output = output_row + head * head_dims;
       // (pair, head) is the leading index of the (nl, np) sample block.
-      const int64_t first_sample = (pair * num_heads + head) * num_levels *
-                                   num_points;
+      const int64_t first_sample = (pair * num_heads + head) * samples_per_head;
+      int64_t num_staged = 0;
       for (int64_t level = 0; level < num_levels; ++level) {
         const int64_t height = spatial_shapes[2 * level];
         const int64_t width = spatial_shapes[2 * level + 1];
@@ -141,26 +170,90 @@ forward_range(int64_t begin, int64_t end, const scalar_t *value,
             continue;
           }
           const scalar_t weight = attention_weights[index];
-          scalar_t weights[4];
-          const scalar_t *corners[4];
           for (int corner = 0; corner < 4; ++corner) {
-            weights[corner] = weight * sample.weights[corner];
-            corners[corner] = sample.offsets[corner] < 0
-                                  ? zeros
-                                  : batch_value + sample.offsets[corner];
+            const int64_t offset = sample.offsets[corner];
+            const scalar_t *row = offset < 0 ? zeros : batch_value + offset;
+            if (offset >= 0) {
+              prefetch_row(row, head_dims);
+            }
+            staged_rows[4 * num_staged + corner] = row;
+            staged_weights[4 * num_staged + corner] =
+                weight * sample.weights[corner];
           }
-          accumulate_corners(head_output, corners[0], corners[1], corners[2],
-                             corners[3], weights, head_dims);
+          ++num_staged;
         }
+      }
+      scalar_t *head_output = output_row + head * head_dims;
+      for (int64_t staged = 0; staged < num_staged; ++staged) {
+        const scalar_t *const *rows = &staged_rows[4 * staged];
+        accumulate_corners(head_output, rows[0], rows[1], rows[2], rows[3],
+                           &staged_weights[4 * staged], head_dims);
       }
     }
   }
 }
 
+// Gradients of one located sample: scatters into the grad_value rows of its
+// corners and returns the sample's location and weight gradients.
+template <typename scalar_t>
+DDETR_INLINE void backward_sample(const BilinearSample<scalar_t> &sample,
+                            scalar_t weight, scalar_t height, scalar_t width,
+                            const scalar_t *__restrict__ grad_row,
+                            const scalar_t *batch_value,
+                            scalar_t *batch_grad_value, const scalar_t *zeros,
+                            scalar_t *scratch, int64_t head_dims,
+                            scalar_t *grad_location, scalar_t *grad_weight) {
+  const scalar_t *corners[4];
+  scalar_t *grad_corners[4];
+  for (int corner = 0; corner < 4; ++corner) {
+    const int64_t offset = sample.offsets[corner];
+    corners[corner] = offset < 0 ? zeros : batch_value + offset;
+    // Corners outside the map write into their own scratch row, which is
+    // never read.
+    grad_corners[corner] = offset < 0 ? scratch + corner * head_dims
+                                      : batch_grad_value + offset;
+  }
+  const scalar_t *__restrict__ v0 = corners[0];
+  const scalar_t *__restrict__ v1 = corners[1];
+  const scalar_t *__restrict__ v2 = corners[2];
+  const scalar_t *__restrict__ v3 = corners[3];
+  scalar_t *__restrict__ g0 = grad_corners[0];
+  scalar_t *__restrict__ g1 = grad_corners[1];
+  scalar_t *__restrict__ g2 = grad_corners[2];
+  scalar_t *__restrict__ g3 = grad_corners[3];
+  const scalar_t *w = sample.weights;
+  const scalar_t s0 = weight * w[0], s1 = weight * w[1];
+  const scalar_t s2 = weight * w[2], s3 = weight * w[3];
+  // dot k = <grad_row, corner k>; grad of corner k += s k * grad_row.
+  scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+  for (int64_t c = 0; c < head_dims; ++c) {
+    const scalar_t grad = grad_row[c];
+    dot0 += grad * v0[c];
+    dot1 += grad * v1[c];
+    dot2 += grad * v2[c];
+    dot3 += grad * v3[c];
+    g0[c] += s0 * grad;
+    g1[c] += s1 * grad;
+    g2[c] += s2 * grad;
+    g3[c] += s3 * grad;
+  }
+  *grad_weight = w[0] * dot0 + w[1] * dot1 + w[2] * dot2 + w[3] * dot3;
+  // d(pixel)/d(location) is the level size; between the corners the
+  // interpolated value is linear in each pixel coordinate.
+  grad_location[0] = weight * width *
+                     (sample.high_y * (dot1 - dot0) +
+                      sample.low_y * (dot3 - dot2));
+  grad_location[1] = weight * height *
+                     (sample.high_x * (dot2 - dot0) +
+                      sample.low_x * (dot3 - dot1));
+}
+
 // Backward for one (batch, head, level) triple. The triples own disjoint
 // slices of grad_value (a level's keys of one head of one image), so they
 // run in parallel without atomics or per-thread copies of grad_value; the
-// location and weight gradients of a triple are disjoint as well.
+// location and weight gradients of a triple are disjoint as well. (Staging
+// and prefetching samples as the forward does made this loop slower.)
 template <typename scalar_t>
 DDETR_CPU_CLONES void backward_triple(
     int64_t batch, int64_t head, int64_t level, const scalar_t *grad_output,
@@ -180,65 +273,23 @@ DDETR_CPU_CLONES void backward_triple(
   BilinearSample<scalar_t> sample;
   for (int64_t query = 0; query < num_queries; ++query) {
     const int64_t row = (batch * num_queries + query) * num_heads + head;
-    const scalar_t *__restrict__ grad_row = grad_output + row * head_dims;
+    const scalar_t *grad_row = grad_output + row * head_dims;
     for (int64_t point = 0; point < num_points; ++point) {
       const int64_t index = (row * num_levels + level) * num_points + point;
-      grad_locations[2 * index] = scalar_t(0);
-      grad_locations[2 * index + 1] = scalar_t(0);
-      grad_attention_weights[index] = scalar_t(0);
       if (!locate_sample(locations[2 * index], locations[2 * index + 1],
                          height, width, level_start, num_heads, head,
                          head_dims, sample)) {
+        grad_locations[2 * index] = scalar_t(0);
+        grad_locations[2 * index + 1] = scalar_t(0);
+        grad_attention_weights[index] = scalar_t(0);
         continue;
       }
-      const scalar_t weight = attention_weights[index];
-      const scalar_t *corners[4];
-      scalar_t *grad_corners[4];
-      scalar_t scales[4];
-      for (int corner = 0; corner < 4; ++corner) {
-        const int64_t offset = sample.offsets[corner];
-        corners[corner] = offset < 0 ? zeros : batch_value + offset;
-        // Corners outside the map write into their own scratch row, which
-        // is never read.
-        grad_corners[corner] = offset < 0 ? scratch + corner * head_dims
-                                          : batch_grad_value + offset;
-        scales[corner] = weight * sample.weights[corner];
-      }
-      // dots[k] = <grad_row, corner k>; grad_corner k += scale k * grad_row.
-      scalar_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-      const scalar_t *__restrict__ v0 = corners[0];
-      const scalar_t *__restrict__ v1 = corners[1];
-      const scalar_t *__restrict__ v2 = corners[2];
-      const scalar_t *__restrict__ v3 = corners[3];
-      scalar_t *__restrict__ g0 = grad_corners[0];
-      scalar_t *__restrict__ g1 = grad_corners[1];
-      scalar_t *__restrict__ g2 = grad_corners[2];
-      scalar_t *__restrict__ g3 = grad_corners[3];
-      const scalar_t s0 = scales[0], s1 = scales[1];
-      const scalar_t s2 = scales[2], s3 = scales[3];
-#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
-      for (int64_t c = 0; c < head_dims; ++c) {
-        const scalar_t grad = grad_row[c];
-        dot0 += grad * v0[c];
-        dot1 += grad * v1[c];
-        dot2 += grad * v2[c];
-        dot3 += grad * v3[c];
-        g0[c] += s0 * grad;
-        g1[c] += s1 * grad;
-        g2[c] += s2 * grad;
-        g3[c] += s3 * grad;
-      }
-      const scalar_t *w = sample.weights;
-      grad_attention_weights[index] =
-          w[0] * dot0 + w[1] * dot1 + w[2] * dot2 + w[3] * dot3;
-      // d(pixel)/d(location) is the level size; the interpolated value is
-      // linear in each pixel coordinate between the corners.
-      grad_locations[2 * index] =
-          weight * static_cast<scalar_t>(width) *
-          (sample.high_y * (dot1 - dot0) + sample.low_y * (dot3 - dot2));
-      grad_locations[2 * index + 1] =
-          weight * static_cast<scalar_t>(height) *
-          (sample.high_x * (dot2 - dot0) + sample.low_x * (dot3 - dot1));
+      backward_sample(sample, attention_weights[index],
+                      static_cast<scalar_t>(height),
+                      static_cast<scalar_t>(width), grad_row, batch_value,
+                      batch_grad_value, zeros, scratch, head_dims,
+                      grad_locations + 2 * index,
+                      grad_attention_weights + index);
     }
   }
 }

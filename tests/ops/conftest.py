@@ -1,0 +1,154 @@
+"""Input builders shared by the multi-scale deformable attention tests.
+
+Tests get the builders as fixtures (pytest imports test files with
+``--import-mode=importlib``, so they cannot import a sibling module).
+Shapes are kept tiny so the suite stays fast on two CPU cores.
+"""
+from typing import List, Sequence, Tuple
+
+import pytest
+import torch
+from torch import Tensor
+
+
+def level_tensors(level_shapes: Sequence[Tuple[int, int]]):
+    """(spatial_shapes (nl, 2), level_start_index (nl,), num_keys)."""
+    spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64)
+    sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    return spatial_shapes, level_start_index, int(sizes.sum())
+
+
+def random_inputs(batch_size: int = 2,
+                  level_shapes: Sequence[Tuple[int, int]] = ((3, 5), (1, 1),
+                                                             (2, 2)),
+                  num_queries: int = 3,
+                  num_heads: int = 2,
+                  head_dims: int = 4,
+                  num_points: int = 2,
+                  dtype: torch.dtype = torch.float64,
+                  low: float = -0.1,
+                  high: float = 1.1,
+                  seed: int = 0) -> List[Tensor]:
+    """Random inputs; locations uniform in [low, high), so some outside.
+
+    Returns:
+        list[Tensor]: value (bs, nk, nh, hd), spatial_shapes (nl, 2),
+        level_start_index (nl,), sampling_locations (bs, nq, nh, nl, np, 2),
+        attention_weights (bs, nq, nh, nl, np).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    spatial_shapes, level_start_index, num_keys = level_tensors(level_shapes)
+    num_levels = len(level_shapes)
+    value = torch.randn(
+        batch_size,
+        num_keys,
+        num_heads,
+        head_dims,
+        generator=generator,
+        dtype=torch.float64)
+    locations = torch.rand(
+        batch_size,
+        num_queries,
+        num_heads,
+        num_levels,
+        num_points,
+        2,
+        generator=generator,
+        dtype=torch.float64) * (high - low) + low
+    weights = torch.rand(
+        batch_size,
+        num_queries,
+        num_heads,
+        num_levels,
+        num_points,
+        generator=generator,
+        dtype=torch.float64)
+    return [
+        value.to(dtype), spatial_shapes, level_start_index,
+        locations.to(dtype),
+        weights.to(dtype)
+    ]
+
+
+def off_kink_locations(spatial_shapes: Tensor,
+                       shape: Sequence[int],
+                       seed: int = 0) -> Tensor:
+    """Locations whose pixel coordinates stay away from integers.
+
+    Bilinear sampling is not differentiable where a pixel coordinate is an
+    integer (a corner changes), so finite differences are only valid away
+    from those kinks. Pixel coordinates are ``k + f`` with ``k`` in
+    [-1, size - 1] (so some samples straddle the border) and ``f`` in
+    [0.25, 0.75].
+
+    Args:
+        spatial_shapes (Tensor): (nl, 2), (h, w) per level.
+        shape (Sequence[int]): (bs, nq, nh, nl, np) of the locations.
+
+    Returns:
+        Tensor: (bs, nq, nh, nl, np, 2) float64 normalised (x, y).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # (nl, 2) as (w, h), matching the (x, y) order of the locations.
+    sizes = spatial_shapes.flip(-1).to(torch.float64)
+    sizes = sizes.view(1, 1, 1, -1, 1, 2)
+    unit = torch.rand(*shape, 2, generator=generator, dtype=torch.float64)
+    whole = (unit * (sizes + 1)).floor() - 1
+    fraction = 0.25 + 0.5 * torch.rand(
+        *shape, 2, generator=generator, dtype=torch.float64)
+    return (whole + fraction + 0.5) / sizes
+
+
+def border_locations(level_shapes: Sequence[Tuple[int, int]], batch_size: int,
+                     num_heads: int) -> Tensor:
+    """Locations exactly on pixel centres, map borders and beyond.
+
+    Query ``i`` and point ``j`` sample ``(x, y) = (special[i], special[j])``
+    on every level, ``special`` being computed from that level's size.
+
+    Returns:
+        Tensor: (bs, nq, nh, nl, np, 2) float64 with nq = np = 10.
+    """
+
+    def specials(size: int) -> List[float]:
+        # pixel coordinates: -0.5, size - 0.5 (the two map borders), -1 and
+        # size (just outside), 0 and size - 1 (edge centres), 0.5, far out on
+        # both sides and the centre.
+        return [
+            0.0, 1.0, -0.5 / size, (size + 0.5) / size, 0.5 / size,
+            (size - 0.5) / size, 1.0 / size, -1.0, 2.0, 0.5
+        ]
+
+    per_level = []
+    for height, width in level_shapes:
+        xs = torch.tensor(specials(width), dtype=torch.float64)
+        ys = torch.tensor(specials(height), dtype=torch.float64)
+        # (nq, np, 2): query picks x, point picks y.
+        grid = torch.stack(
+            torch.broadcast_tensors(xs[:, None], ys[None, :]), dim=-1)
+        per_level.append(grid)
+    # (nq, nl, np, 2) -> (bs, nq, nh, nl, np, 2)
+    locations = torch.stack(per_level, dim=1)
+    return locations[None, :, None].expand(batch_size, -1, num_heads, -1, -1,
+                                           -1).contiguous()
+
+
+@pytest.fixture(name='random_inputs')
+def random_inputs_fixture():
+    return random_inputs
+
+
+@pytest.fixture(name='off_kink_locations')
+def off_kink_locations_fixture():
+    return off_kink_locations
+
+
+@pytest.fixture(name='border_locations')
+def border_locations_fixture():
+    return border_locations
+
+
+@pytest.fixture(name='level_tensors')
+def level_tensors_fixture():
+    return level_tensors
