@@ -466,7 +466,10 @@ def test_offsets_beyond_int32(level_tensors):
     # Nothing else was written (summed without a float32 copy of 4 GiB).
     assert grad_value.sum(dtype=torch.float32).item() == pytest.approx(
         head_dims, abs=0.1)
-    assert grad_locations.abs().max().item() < 1e-3
+    # Both rows and both columns hold the same channels: no slope, up to
+    # float32 rounding magnified by the map size (8192). Reading wrong rows
+    # (zeros) would give slopes of the order of the channels times 8192.
+    assert grad_locations.abs().max().item() < 1.0
     torch.testing.assert_close(
         grad_weights.view(()).float(),
         channels.sum().float(),
