@@ -80,6 +80,34 @@ def test_borders_and_outside_match_reference(random_inputs, border_locations,
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_border_gradients_match_reference(random_inputs, border_locations,
+                                          dtype):
+    # Power-of-two sizes make every special location and its pixel
+    # coordinate exact in both implementations, so both take the same side
+    # of each kink (integer pixel coordinate), including the slope of a
+    # sample at pixel -1, which reads zero but leans on the map.
+    level_shapes = [(1, 1), (2, 4), (4, 2)]
+    inputs = random_inputs(
+        level_shapes=level_shapes,
+        num_queries=10,
+        num_points=10,
+        head_dims=3,
+        dtype=dtype)
+    inputs[3] = border_locations(level_shapes, 2, 2).to(dtype)
+    grad_output = torch.randn(2, 10, 6, dtype=dtype)
+    expected = gradients(ms_deform_attn_reference, inputs, grad_output)
+    actual = gradients(ms_deform_attn, inputs, grad_output)
+    atol, rtol = TOLERANCES[dtype]
+    for name, have, want in zip(('output', 'value', 'locations', 'weights'),
+                                actual, expected):
+        torch.testing.assert_close(
+            have, want, atol=atol, rtol=rtol, msg=lambda m: f'{name}: {m}')
+    # Query 2 samples x = -0.5 / w, i.e. pixel -1: zero value, yet a
+    # non-zero slope along x on the levels wider than one pixel.
+    assert actual[2][:, 2, :, 1:, :, 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize('head_dims', [1, 32, 71])
 def test_backward_matches_reference(random_inputs, head_dims, dtype):
     inputs = random_inputs(head_dims=head_dims, dtype=dtype, seed=head_dims)

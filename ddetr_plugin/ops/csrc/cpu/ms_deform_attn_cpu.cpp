@@ -3,9 +3,11 @@
 // Semantics are those of mmcv's multi_scale_deformable_attn_pytorch
 // (grid_sample, bilinear, zero padding, align_corners=False): a normalised
 // location x in [0, 1] on a level of width w samples pixel column
-// x * w - 0.5; a sample whose pixel coordinate is not inside (-1, size)
-// reads zero, and a corner outside the map reads zero. Comparisons are
-// written so that NaN coordinates fail them and read zero too.
+// x * w - 0.5; a sample whose pixel coordinate is not inside [-1, size)
+// reads zero, and a corner outside the map reads zero. At exactly -1 the
+// sample reads zero but has a slope towards the map, which grid_sample
+// counts, hence the closed bound (the CUDA kernels do the same). Comparisons
+// are written so that NaN coordinates fail them and read zero too.
 //
 // Shape shorthand (as in ddetr_plugin/ops/reference.py):
 //   bs batch size, nk keys, nq queries, nh heads, hd channels per head,
@@ -62,12 +64,13 @@ template <typename scalar_t> struct BilinearSample {
 // wholly outside the map (or is NaN) and contributes nothing.
 template <typename scalar_t>
 DDETR_INLINE bool locate_sample(scalar_t x, scalar_t y, int64_t height,
-                          int64_t width, int64_t level_start, int64_t num_heads,
-                          int64_t head, int64_t head_dims,
-                          BilinearSample<scalar_t> &sample) {
+                                int64_t width, int64_t level_start,
+                                int64_t num_heads, int64_t head,
+                                int64_t head_dims,
+                                BilinearSample<scalar_t> &sample) {
   const scalar_t pixel_y = y * static_cast<scalar_t>(height) - scalar_t(0.5);
   const scalar_t pixel_x = x * static_cast<scalar_t>(width) - scalar_t(0.5);
-  if (!(pixel_y > scalar_t(-1) && pixel_x > scalar_t(-1) &&
+  if (!(pixel_y >= scalar_t(-1) && pixel_x >= scalar_t(-1) &&
         pixel_y < static_cast<scalar_t>(height) &&
         pixel_x < static_cast<scalar_t>(width))) {
     return false;
@@ -359,8 +362,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor &value,
   const int64_t num_queries = sampling_locations.size(1);
   const int64_t num_levels = sampling_locations.size(3);
   const int64_t num_points = sampling_locations.size(4);
-  at::Tensor output = at::empty({batch_size, num_queries, num_heads * head_dims},
-                                value.options());
+  at::Tensor output = at::empty(
+      {batch_size, num_queries, num_heads * head_dims}, value.options());
   if (output.numel() == 0) {
     return output;
   }
