@@ -4,14 +4,26 @@
 needs: importing the package registers the plugin's components in the
 ``ddetr_plugin`` registry scope and lets MMEngine load its own checkpoints
 under PyTorch's weights-only unpickler.
+
+The op (``ddetr_plugin.ops``) needs torch alone, so on a machine without
+MMDetection (a bare GPU box running the op tests and benchmarks) the package
+still imports and says what is missing.
 """
-from .utils.checkpoint import enable_safe_checkpoint_loading
+import warnings
+
 from .version import __version__
 
-enable_safe_checkpoint_loading()
+try:
+    import mmdet  # noqa: F401
+except ImportError as error:
+    warnings.warn(
+        f'ddetr_plugin: MMDetection is not importable ({error}); only '
+        'ddetr_plugin.ops is available. Install mmdet==3.3.0 to use the '
+        'models, data sets and tools.')
+else:
+    from .utils.checkpoint import enable_safe_checkpoint_loading
+    enable_safe_checkpoint_loading()
+    # Imported for registration only.
+    from . import datasets, engine, models  # noqa: F401
 
-# Imported for registration only.
-from . import datasets, models  # noqa: E402, F401
-from .registry import SCOPE  # noqa: E402
-
-__all__ = ['__version__', 'SCOPE', 'enable_safe_checkpoint_loading']
+__all__ = ['__version__']

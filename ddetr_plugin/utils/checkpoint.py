@@ -38,10 +38,36 @@ def _numpy_types() -> List[type]:
         set(dtype_classes), key=lambda cls: cls.__name__)
 
 
-def checkpoint_safe_globals() -> List[object]:
-    """Every non-tensor type an MMEngine checkpoint of this project holds."""
+# HistoryBuffer's built-in statistics; custom ones registered through
+# ``HistoryBuffer.register_statistics`` are added at load time.
+_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_getattr(owner: type, name: str) -> Callable:
+    """Stand-in for ``builtins.getattr`` inside a weights-only load.
+
+    ``HistoryBuffer.__getstate__`` stores its statistics methods, and pickle
+    protocol 2 writes each as ``getattr(HistoryBuffer, 'min')``. Allowing the
+    real ``getattr`` would let a file reach any attribute of any allowed
+    object, so only these look-ups are served.
+    """
     from mmengine.logging import HistoryBuffer
-    return [HistoryBuffer] + _numpy_types()
+    allowed = set(_STATISTICS) | set(HistoryBuffer._statistics_methods)
+    if owner is not HistoryBuffer or name not in allowed:
+        raise pickle.UnpicklingError(
+            'weights-only checkpoint load: getattr is only allowed for '
+            f'HistoryBuffer statistics {sorted(allowed)}, got getattr('
+            f'{getattr(owner, "__name__", type(owner).__name__)}, {name!r})')
+    return getattr(owner, name)
+
+
+def checkpoint_safe_globals() -> List[object]:
+    """Every non-tensor global an MMEngine checkpoint of this project
+    refers to."""
+    from mmengine.logging import HistoryBuffer
+    return [
+        HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')
+    ] + _numpy_types()
 
 
 def trust_checkpoint(path: str) -> None:
