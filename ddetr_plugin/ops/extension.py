@@ -16,8 +16,9 @@ import torch
 
 _OPERATOR = 'ddetr_plugin::ms_deform_attn_forward'
 
-# Dispatch keys the compiled op may register a kernel for, by device type.
-_DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA'}
+# Dispatch keys the op may have a kernel for, by device type. The meta
+# kernel is the fake kernel that ms_deform_attn.py registers.
+_DISPATCH_KEYS = {'cpu': 'CPU', 'cuda': 'CUDA', 'meta': 'Meta'}
 
 _loaded = False
 _error: Optional[str] = None
@@ -26,7 +27,7 @@ _kernel_devices: FrozenSet[str] = frozenset()
 
 def _load() -> None:
     """Import the extension once and record the outcome."""
-    global _loaded, _error, _kernel_devices
+    global _loaded, _error
     try:
         importlib.import_module('ddetr_plugin._C')
     except Exception as error:  # any failure means: use the reference
@@ -36,6 +37,18 @@ def _load() -> None:
         _error = f'ddetr_plugin._C loaded but did not register {_OPERATOR}'
         return
     _loaded = True
+    scan_kernel_devices()
+
+
+def scan_kernel_devices() -> None:
+    """Read again which device types have a kernel of the op.
+
+    Called after loading the extension and after registering the fake
+    kernels; reading the dispatcher initialises no device.
+    """
+    global _kernel_devices
+    if not _loaded:
+        return
     _kernel_devices = frozenset(
         device for device, key in _DISPATCH_KEYS.items()
         if torch._C._dispatch_has_kernel_for_dispatch_key(_OPERATOR, key))
@@ -52,7 +65,7 @@ def extension_error() -> Optional[str]:
 
 
 def kernel_device_types() -> FrozenSet[str]:
-    """Device types (``'cpu'``, ``'cuda'``) with a compiled kernel."""
+    """Device types (``'cpu'``, ``'cuda'``, ``'meta'``) with a kernel."""
     return _kernel_devices
 
 

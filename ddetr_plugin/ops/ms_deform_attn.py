@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from .checks import check_inputs
-from .extension import extension_error, extension_loaded, kernel_device_types
+from .extension import (extension_error, extension_loaded, kernel_device_types,
+                        scan_kernel_devices)
 from .reference import ms_deform_attn_reference
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -57,6 +58,11 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor,
     Returns:
         Tensor: (bs, num_queries, num_heads * head_dims) in the dtype of
         the value.
+
+    Raises:
+        TypeError: an input is not a tensor or has the wrong kind of dtype,
+            or the floating dtypes disagree.
+        ValueError: shapes, level sizes or devices of the inputs disagree.
     """
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                  attention_weights)
@@ -165,6 +171,8 @@ def _register_operators() -> None:
         'ddetr_plugin::ms_deform_attn_forward',
         _backward,
         setup_context=_setup_context)
+    # The fake kernels also serve meta tensors.
+    scan_kernel_devices()
 
 
 if extension_loaded():

@@ -292,3 +292,12 @@ def test_compile_fullgraph_inductor(random_inputs):
     compiled = torch.compile(attention_block, fullgraph=True)
     torch.testing.assert_close(
         compiled(*inputs), attention_block(*inputs), atol=1e-5, rtol=1e-5)
+
+
+@needs_extension
+def test_meta_tensors_give_the_output_shape(random_inputs):
+    # Shape inference (e.g. model summaries) runs the fake kernel.
+    inputs = [tensor.to('meta') for tensor in random_inputs(head_dims=5)]
+    output = ms_deform_attn(*inputs)
+    assert output.device.type == 'meta'
+    assert output.shape == (2, 3, 10) and output.dtype == torch.float64
