@@ -1,0 +1,424 @@
+"""Prediction head of Deformable DETR (Zhu et al., ICLR 2021).
+
+For every decoder layer the head turns the query features into class logits
+and a box. Boxes are refined iteratively, as in the paper: a layer predicts
+a delta that is added to its reference box in inverse-sigmoid space, so the
+reference (a point (cx, cy) or a box (cx, cy, w, h), normalised to [0, 1])
+is where the query looked and the delta says how to correct it.
+
+Training losses come from :class:`SetPredictionHead` for every decoder layer
+(auxiliary losses ``d0.loss_cls``, ... and the last layer's ``loss_cls``,
+...), plus, for the two-stage variant, a class-agnostic loss on the
+encoder's proposals (``enc_loss_cls``, ...).
+
+Shape shorthand: ``num_layers`` decoder layers, ``bs`` images,
+``num_queries`` queries, ``embed_dims`` feature channels.
+"""
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+from mmdet.models.layers import inverse_sigmoid
+from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
+from mmengine.model import bias_init_with_prob
+from mmengine.structures import InstanceData
+from torch import Tensor, nn
+
+from ddetr_plugin.registry import MODELS
+from .set_prediction_head import SetPredictionHead
+
+DEFAULT_TRAIN_CFG = dict(
+    assigner=dict(
+        type='HungarianAssigner',
+        match_costs=[
+            dict(type='FocalLossCost', weight=2.0),
+            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+            dict(type='IoUCost', iou_mode='giou', weight=2.0)
+        ]))
+
+
+@MODELS.register_module()
+class DeformableDETRHead(SetPredictionHead):
+    """Class and box branches of Deformable DETR, with their losses.
+
+    Args:
+        num_classes (int): Number of object classes (no background).
+        embed_dims (int): Channels of the decoder's query features.
+            Defaults to 256.
+        num_reg_fcs (int): Hidden (Linear + ReLU) layers of the box branch
+            before its output layer. Defaults to 2.
+        sync_cls_avg_factor (bool): Average the classification loss's
+            normaliser over processes. Defaults to False.
+        loss_cls (dict): Classification loss; sigmoid focal loss (gamma 2,
+            alpha 0.25, weight 2) by default.
+        loss_bbox (dict): L1 loss on normalised (cx, cy, w, h), weight 5 by
+            default.
+        loss_iou (dict): GIoU loss on pixel boxes, weight 2 by default.
+        train_cfg (dict): ``assigner``: the Hungarian assigner with focal,
+            L1 (cx, cy, w, h) and GIoU costs (weights 2, 5, 2) by default.
+        test_cfg (dict): ``max_per_img``: detections kept per image
+            (100 by default).
+        share_pred_layer (bool): One pair of branches shared by all layers
+            (plain Deformable DETR) instead of one pair per layer (box
+            refinement). Defaults to False.
+        num_pred_layer (int): Number of branch pairs: the decoder layers,
+            plus one for the encoder proposals when ``as_two_stage``.
+            Defaults to 6.
+        as_two_stage (bool): The encoder proposes the queries (two-stage
+            Deformable DETR); enables the proposal loss. Defaults to False.
+        init_cfg (dict, optional): Initialisation config.
+    """
+
+    def __init__(self,
+                 num_classes: int,
+                 embed_dims: int = 256,
+                 num_reg_fcs: int = 2,
+                 sync_cls_avg_factor: bool = False,
+                 loss_cls: dict = dict(
+                     type='FocalLoss',
+                     use_sigmoid=True,
+                     gamma=2.0,
+                     alpha=0.25,
+                     loss_weight=2.0),
+                 loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
+                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
+                 train_cfg: Optional[dict] = DEFAULT_TRAIN_CFG,
+                 test_cfg: Optional[dict] = dict(max_per_img=100),
+                 share_pred_layer: bool = False,
+                 num_pred_layer: int = 6,
+                 as_two_stage: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            sync_cls_avg_factor=sync_cls_avg_factor,
+            loss_cls=copy.deepcopy(loss_cls),
+            loss_bbox=copy.deepcopy(loss_bbox),
+            loss_iou=copy.deepcopy(loss_iou),
+            train_cfg=copy.deepcopy(train_cfg),
+            test_cfg=copy.deepcopy(test_cfg),
+            init_cfg=init_cfg)
+        if num_pred_layer < 1:
+            raise ValueError('num_pred_layer must be at least 1, got '
+                             f'{num_pred_layer}')
+        self.embed_dims = embed_dims
+        self.num_reg_fcs = num_reg_fcs
+        self.share_pred_layer = share_pred_layer
+        self.num_pred_layer = num_pred_layer
+        self.as_two_stage = as_two_stage
+        self._init_layers()
+
+    def _init_layers(self) -> None:
+        """Build ``cls_branches`` and ``reg_branches``, one per prediction
+        layer (the same module repeated when ``share_pred_layer``)."""
+        cls_branch = nn.Linear(self.embed_dims, self.cls_out_channels)
+        reg_layers = []
+        for _ in range(self.num_reg_fcs):
+            reg_layers += [
+                nn.Linear(self.embed_dims, self.embed_dims),
+                nn.ReLU()
+            ]
+        reg_layers.append(nn.Linear(self.embed_dims, 4))
+        reg_branch = nn.Sequential(*reg_layers)
+
+        if self.share_pred_layer:
+            cls_branches = [cls_branch] * self.num_pred_layer
+            reg_branches = [reg_branch] * self.num_pred_layer
+        else:
+            cls_branches = [
+                copy.deepcopy(cls_branch) for _ in range(self.num_pred_layer)
+            ]
+            reg_branches = [
+                copy.deepcopy(reg_branch) for _ in range(self.num_pred_layer)
+            ]
+        self.cls_branches = nn.ModuleList(cls_branches)
+        self.reg_branches = nn.ModuleList(reg_branches)
+
+    def init_weights(self) -> None:
+        """Start every query at a 1% object probability and every box at
+        its reference."""
+        super().init_weights()
+        prior_bias = bias_init_with_prob(0.01)
+        for cls_branch in self.cls_branches:
+            nn.init.constant_(cls_branch.bias, prior_bias)
+        for reg_branch in self.reg_branches:
+            nn.init.constant_(reg_branch[-1].weight, 0.0)
+            nn.init.constant_(reg_branch[-1].bias, 0.0)
+        if not self.as_two_stage:
+            # The first layer's reference is a point: start with small boxes
+            # (sigmoid(-2) ~ 0.12 of the image). Two-stage references are
+            # already boxes (the proposals), so the delta starts at 0.
+            nn.init.constant_(self.reg_branches[0][-1].bias[2:], -2.0)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
+                              **kwargs) -> None:
+        """Explain a class-count mismatch with a checkpoint before PyTorch
+        reports the bare size mismatch."""
+        error_msgs = args[-1] if args else kwargs.get('error_msgs')
+        for index in range(self.num_pred_layer):
+            key = f'{prefix}cls_branches.{index}.weight'
+            if key not in state_dict or error_msgs is None:
+                continue
+            rows = state_dict[key].shape[0]
+            if rows != self.cls_out_channels:
+                hint = ''
+                if rows == 91:
+                    hint = (' (91 rows is the layout of the official '
+                            'Deformable-DETR COCO checkpoints: convert them '
+                            'with tools/model_converters/'
+                            'official_to_plugin.py)')
+                error_msgs.append(
+                    f'{key}: the checkpoint classifies {rows} classes but '
+                    f'the head was built with num_classes='
+                    f'{self.num_classes}{hint}; set num_classes to match '
+                    'the checkpoint, or load it non-strictly to train a '
+                    'new classifier')
+                break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, hidden_states: Tensor,
+                references: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Class logits and refined boxes of every decoder layer.
+
+        Args:
+            hidden_states (Tensor): (num_layers, bs, num_queries,
+                embed_dims) query features after each decoder layer.
+            references (list[Tensor]): At least ``num_layers`` references,
+                the input reference of each layer (the decoder's initial one
+                first; a trailing extra one is ignored). Each is
+                (bs, num_queries, 2) normalised (cx, cy) or
+                (bs, num_queries, 4) normalised (cx, cy, w, h).
+
+        Returns:
+            tuple[Tensor]:
+
+            - all_layers_cls_scores: (num_layers, bs, num_queries,
+              num_classes) logits.
+            - all_layers_bbox_preds: (num_layers, bs, num_queries, 4)
+              normalised (cx, cy, w, h) in [0, 1].
+        """
+        if hidden_states.dim() != 4:
+            raise ValueError(
+                'hidden_states must be (num_layers, bs, num_queries, '
+                f'embed_dims), got shape {tuple(hidden_states.shape)}')
+        num_layers = hidden_states.shape[0]
+        if num_layers > self.num_pred_layer:
+            raise ValueError(
+                f'hidden_states has {num_layers} decoder layers but the head '
+                f'has {self.num_pred_layer} prediction layers '
+                '(num_pred_layer)')
+        if len(references) < num_layers:
+            raise ValueError(
+                f'need one reference per decoder layer ({num_layers}), got '
+                f'{len(references)}')
+
+        all_layers_cls_scores, all_layers_bbox_preds = [], []
+        for layer_index in range(num_layers):
+            hidden_state = hidden_states[layer_index]
+            reference = inverse_sigmoid(references[layer_index])
+            cls_scores = self.cls_branches[layer_index](hidden_state)
+            box_delta = self.reg_branches[layer_index](hidden_state)
+            if reference.shape[-1] == 4:
+                box_logits = box_delta + reference
+            elif reference.shape[-1] == 2:
+                # A point reference only anchors the centre; width and
+                # height come from the delta alone.
+                box_logits = torch.cat(
+                    [box_delta[..., :2] + reference, box_delta[..., 2:]],
+                    dim=-1)
+            else:
+                raise ValueError(
+                    f'reference {layer_index} must end in 2 (cx, cy) or 4 '
+                    '(cx, cy, w, h) coordinates, got shape '
+                    f'{tuple(reference.shape)}')
+            all_layers_cls_scores.append(cls_scores)
+            all_layers_bbox_preds.append(box_logits.sigmoid())
+        return (torch.stack(all_layers_cls_scores),
+                torch.stack(all_layers_bbox_preds))
+
+    def loss(self, hidden_states: Tensor, references: List[Tensor],
+             enc_outputs_class: Optional[Tensor],
+             enc_outputs_coord: Optional[Tensor],
+             batch_data_samples: list) -> dict:
+        """Losses of every decoder layer and of the encoder proposals.
+
+        Args:
+            hidden_states (Tensor): (num_layers, bs, num_queries,
+                embed_dims), see :meth:`forward`.
+            references (list[Tensor]): See :meth:`forward`.
+            enc_outputs_class (Tensor, optional): (bs, num_feat_points,
+                num_classes) proposal logits of the encoder (two-stage
+                only; only channel 0, "object", is trained), or None.
+            enc_outputs_coord (Tensor, optional): (bs, num_feat_points, 4)
+                normalised (cx, cy, w, h) proposals, or None.
+            batch_data_samples (list[DetDataSample]): ``gt_instances`` and
+                meta of each image.
+
+        Returns:
+            dict[str, Tensor]: ``loss_cls``, ``loss_bbox``, ``loss_iou`` of
+            the last layer, ``d{i}.loss_*`` of the earlier ones and, for
+            two-stage, ``enc_loss_*``.
+        """
+        batch_gt_instances = [
+            sample.gt_instances for sample in batch_data_samples
+        ]
+        batch_img_metas = [sample.metainfo for sample in batch_data_samples]
+        all_layers_cls_scores, all_layers_bbox_preds = self(
+            hidden_states, references)
+        return self.loss_by_feat(all_layers_cls_scores, all_layers_bbox_preds,
+                                 enc_outputs_class, enc_outputs_coord,
+                                 batch_gt_instances, batch_img_metas)
+
+    def loss_by_feat(self,
+                     all_layers_cls_scores: Tensor,
+                     all_layers_bbox_preds: Tensor,
+                     enc_cls_scores: Optional[Tensor],
+                     enc_bbox_preds: Optional[Tensor],
+                     batch_gt_instances: List[InstanceData],
+                     batch_img_metas: List[dict],
+                     batch_gt_instances_ignore: Optional[list] = None) -> dict:
+        """Losses from the head's outputs.
+
+        Args:
+            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
+                num_classes) logits.
+            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
+                normalised (cx, cy, w, h).
+            enc_cls_scores (Tensor, optional): (bs, num_feat_points,
+                num_classes) encoder proposal logits, or None.
+            enc_bbox_preds (Tensor, optional): (bs, num_feat_points, 4)
+                encoder proposals, or None.
+            batch_gt_instances (list[InstanceData]): ``labels`` (num_gts,)
+                and pixel ``bboxes`` (num_gts, 4) (x1, y1, x2, y2) per
+                image.
+            batch_img_metas (list[dict]): Meta per image (``img_shape``).
+            batch_gt_instances_ignore (list, optional): Unsupported; must
+                be None.
+
+        Returns:
+            dict[str, Tensor]: See :meth:`loss`.
+        """
+        if batch_gt_instances_ignore is not None:
+            raise ValueError(f'{type(self).__name__} does not support '
+                             'ignored ground truth; pass None')
+        losses = dict()
+        num_layers = all_layers_cls_scores.shape[0]
+        for layer_index in range(num_layers):
+            loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
+                all_layers_cls_scores[layer_index],
+                all_layers_bbox_preds[layer_index], batch_gt_instances,
+                batch_img_metas)
+            prefix = ('' if layer_index == num_layers -
+                      1 else f'd{layer_index}.')
+            losses[f'{prefix}loss_cls'] = loss_cls
+            losses[f'{prefix}loss_bbox'] = loss_bbox
+            losses[f'{prefix}loss_iou'] = loss_iou
+
+        if enc_cls_scores is not None:
+            # Proposals are class-agnostic: every object is class 0.
+            proposal_gt_instances = []
+            for gt_instances in batch_gt_instances:
+                agnostic = gt_instances.clone()
+                agnostic.labels = torch.zeros_like(gt_instances.labels)
+                proposal_gt_instances.append(agnostic)
+            loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
+                enc_cls_scores, enc_bbox_preds, proposal_gt_instances,
+                batch_img_metas)
+            losses['enc_loss_cls'] = loss_cls
+            losses['enc_loss_bbox'] = loss_bbox
+            losses['enc_loss_iou'] = loss_iou
+        return losses
+
+    def predict(self,
+                hidden_states: Tensor,
+                references: List[Tensor],
+                batch_data_samples: list,
+                rescale: bool = True) -> List[InstanceData]:
+        """Detections of the last decoder layer.
+
+        Args:
+            hidden_states (Tensor): (num_layers, bs, num_queries,
+                embed_dims), see :meth:`forward`.
+            references (list[Tensor]): See :meth:`forward`.
+            batch_data_samples (list[DetDataSample]): Meta of each image.
+            rescale (bool): Return boxes in the original image's pixels
+                (undoing the test-time resize) instead of the network
+                input's. Defaults to True.
+
+        Returns:
+            list[InstanceData]: Per image ``scores`` (k,), ``labels`` (k,)
+            and ``bboxes`` (k, 4) (x1, y1, x2, y2), k = ``max_per_img``.
+        """
+        batch_img_metas = [sample.metainfo for sample in batch_data_samples]
+        all_layers_cls_scores, all_layers_bbox_preds = self(
+            hidden_states, references)
+        return self.predict_by_feat(
+            all_layers_cls_scores,
+            all_layers_bbox_preds,
+            batch_img_metas=batch_img_metas,
+            rescale=rescale)
+
+    def predict_by_feat(self,
+                        all_layers_cls_scores: Tensor,
+                        all_layers_bbox_preds: Tensor,
+                        batch_img_metas: List[dict],
+                        rescale: bool = False) -> List[InstanceData]:
+        """Detections from the head's outputs (last layer only).
+
+        Args:
+            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
+                num_classes) logits.
+            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
+                normalised (cx, cy, w, h).
+            batch_img_metas (list[dict]): Meta per image: ``img_shape`` and,
+                with ``rescale``, ``scale_factor`` (w_scale, h_scale).
+            rescale (bool): See :meth:`predict`. Defaults to False.
+
+        Returns:
+            list[InstanceData]: See :meth:`predict`.
+        """
+        cls_scores = all_layers_cls_scores[-1]
+        bbox_preds = all_layers_bbox_preds[-1]
+        return [
+            self._predict_single(cls_scores[index], bbox_preds[index],
+                                 img_meta, rescale)
+            for index, img_meta in enumerate(batch_img_metas)
+        ]
+
+    def _predict_single(self, cls_scores: Tensor, bbox_preds: Tensor,
+                        img_meta: dict, rescale: bool) -> InstanceData:
+        """Top-scoring (query, class) pairs of one image.
+
+        Args:
+            cls_scores (Tensor): (num_queries, num_classes) logits.
+            bbox_preds (Tensor): (num_queries, 4) normalised (cx, cy, w, h).
+            img_meta (dict): Meta of the image.
+            rescale (bool): See :meth:`predict`.
+
+        Returns:
+            InstanceData: ``scores``, ``labels``, ``bboxes``.
+        """
+        num_queries, num_classes = cls_scores.shape
+        max_per_img = self.test_cfg.get('max_per_img', num_queries)
+        # A query may detect several classes: rank all (query, class) pairs.
+        scores, pair_indices = cls_scores.sigmoid().view(-1).topk(
+            min(max_per_img, num_queries * num_classes))
+        labels = pair_indices % num_classes
+        query_indices = pair_indices // num_classes
+
+        height, width = img_meta['img_shape'][:2]
+        boxes = bbox_cxcywh_to_xyxy(bbox_preds[query_indices])
+        boxes[:, 0::2] = (boxes[:, 0::2] * width).clamp(min=0, max=width)
+        boxes[:, 1::2] = (boxes[:, 1::2] * height).clamp(min=0, max=height)
+        if rescale:
+            if img_meta.get('scale_factor') is None:
+                raise KeyError(
+                    'rescale=True maps boxes back to the original image and '
+                    "needs img_meta['scale_factor'] = (w_scale, h_scale); "
+                    f'meta keys: {sorted(img_meta)}')
+            boxes /= boxes.new_tensor(img_meta['scale_factor']).repeat((1, 2))
+
+        results = InstanceData()
+        results.bboxes = boxes
+        results.scores = scores
+        results.labels = labels
+        return results
