@@ -1,0 +1,100 @@
+"""Convert an official Deformable-DETR checkpoint for the plugin.
+
+Usage::
+
+    python tools/model_converters/official_to_plugin.py IN.pth OUT.pth \
+        [--variant {plain,refine,two-stage}] [--config CONFIG]
+
+``IN`` is a checkpoint of github.com/fundamentalvision/Deformable-DETR (R50;
+plain, +iterative box refinement, or +two-stage). ``OUT`` gets
+``{'state_dict': ..., 'meta': ...}`` in the plugin's layout, with the
+91-output COCO classifier reduced to MMDetection's 80 COCO classes. With
+``--variant`` the checkpoint must be of that variant; with ``--config`` the
+converted weights are loaded strictly into the model the config builds.
+
+The official checkpoints hold a pickled ``argparse.Namespace`` (the training
+arguments). Only that class is allowed beyond tensors and plain containers;
+``--trust-pickle`` unpickles the file in full, for a file you trust that
+holds anything else (unpickling can run arbitrary code).
+"""
+import argparse
+import os.path as osp
+import sys
+from typing import Optional
+
+import torch
+
+from ddetr_plugin.converters import official
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description='Convert an official Deformable-DETR checkpoint to the '
+        'ddetr_plugin layout (80 COCO classes).')
+    parser.add_argument('input', help='official checkpoint (.pth)')
+    parser.add_argument('output', help='where to write the plugin checkpoint')
+    parser.add_argument(
+        '--variant',
+        choices=official.VARIANTS,
+        help='expected variant of the checkpoint (checked): plain, refine '
+        '(with_box_refine) or two-stage (with_box_refine and as_two_stage)')
+    parser.add_argument(
+        '--config',
+        help='plugin config whose model must accept the converted weights '
+        '(strict check)')
+    parser.add_argument(
+        '--keep-classes',
+        action='store_true',
+        help='keep the classifier as it is (91 outputs for COCO) instead of '
+        'selecting the 80 COCO category ids')
+    parser.add_argument(
+        '--trust-pickle',
+        action='store_true',
+        help='unpickle the input in full instead of allowing only tensors, '
+        'containers and argparse.Namespace; a pickle can run arbitrary '
+        'code, so use this only for a file you trust')
+    return parser.parse_args(argv)
+
+
+def check_against_config(state_dict: dict, config_path: str) -> None:
+    """Build the config's model and load the weights strictly into it."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from ddetr_plugin.converters import load_converted
+    from ddetr_plugin.registry import MODELS
+    config = Config.fromfile(config_path)
+    init_default_scope(config.get('default_scope', 'ddetr_plugin'))
+    model_cfg = config.model
+    # The weights are about to be replaced: no pretrained download.
+    model_cfg.backbone.init_cfg = None
+    load_converted(MODELS.build(model_cfg), state_dict)
+
+
+def main(argv: Optional[list] = None) -> None:
+    """Convert ``input`` to ``output``."""
+    args = parse_args(argv)
+    checkpoint = official.load_official_checkpoint(args.input,
+                                                   args.trust_pickle)
+    state_dict = official.official_state_dict(checkpoint)
+    variant = official.detect_variant(state_dict)
+    if args.variant is not None:
+        official.check_variant(state_dict, args.variant)
+    category_ids = None if args.keep_classes else official.COCO_CATEGORY_IDS
+    converted = official.convert_official_state_dict(state_dict, category_ids)
+    if args.config:
+        check_against_config(converted, args.config)
+    torch.save(
+        dict(
+            state_dict=converted,
+            meta=dict(
+                converted_from=osp.basename(args.input),
+                source_layout='official Deformable-DETR',
+                variant=variant)), args.output)
+    print(f'Wrote {len(converted)} tensors ({variant} Deformable DETR) to '
+          f'{args.output}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())
