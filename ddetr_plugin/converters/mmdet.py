@@ -1,24 +1,22 @@
 """Weights of MMDetection 3.x's Deformable DETR in the plugin's layout.
 
-The two models compute the same thing; only module names differ:
+The two models compute the same thing; only module names differ
+(mmdet 3.3.0 name -> plugin name):
 
-==========================================  ==================================
-mmdet 3.3.0 ``DeformableDETR``              ``ddetr_plugin`` ``DeformableDETR``
-==========================================  ==================================
-``neck.convs.{i}.conv/gn``                  ``neck.projections.{i}.conv/norm``
-``neck.extra_convs.{j}.conv/gn``            ``neck.projections.{n+j}.conv/norm``
-``encoder.layers.{i}.norms.{0,1}``          ``transformer.encoder.layers.{i}.``
-                                            ``{self_attn,ffn}_norm``
-``decoder.layers.{i}.norms.{0,1,2}``        ``transformer.decoder.layers.{i}.``
-                                            ``{self_attn,cross_attn,ffn}_norm``
-``*.ffn.layers.0.0`` / ``*.ffn.layers.1``   ``*.ffn.linear1`` / ``*.ffn.linear2``
-``decoder.layers.{i}.self_attn.attn.*``     ``...self_attn.*`` (torch MHA)
-``encoder.*``, ``decoder.*``,               ``transformer.`` + the same name
-``level_embed``, ``query_embedding``,
-``reference_points_fc``, ``memory_trans_*``,
-``pos_trans_*``
-``backbone.*``, ``bbox_head.*``             unchanged
-==========================================  ==================================
+* ``neck.convs.{i}.conv/gn`` -> ``neck.projections.{i}.conv/norm``, and
+  ``neck.extra_convs.{j}`` continue as ``neck.projections.{n + j}``;
+* ``encoder.layers.{i}.norms.{0,1}`` ->
+  ``transformer.encoder.layers.{i}.{self_attn,ffn}_norm``;
+* ``decoder.layers.{i}.norms.{0,1,2}`` ->
+  ``transformer.decoder.layers.{i}.{self_attn,cross_attn,ffn}_norm``;
+* ``*.ffn.layers.0.0`` and ``*.ffn.layers.1`` -> ``*.ffn.linear1`` and
+  ``*.ffn.linear2``;
+* ``decoder.layers.{i}.self_attn.attn.*`` (mmcv's wrapper around torch's
+  multi-head attention) -> ``...self_attn.*`` (torch's directly);
+* the rest of ``encoder.*`` and ``decoder.*``, and ``level_embed``,
+  ``query_embedding``, ``reference_points_fc``, ``memory_trans_*``,
+  ``pos_trans_*`` -> the same name under ``transformer.``;
+* ``backbone.*`` and ``bbox_head.*`` are unchanged.
 
 mmdet's ChannelMapper convolutions have no bias (GroupNorm follows them);
 the plugin's neck has the official model's biases, so the converter adds

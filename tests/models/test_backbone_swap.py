@@ -55,13 +55,13 @@ def test_swin_backbone_loss_and_predict():
     model = swin_model()
     assert type(model.backbone).__name__ == 'SwinTransformer'
     model.train()
-    losses = model.loss(**data(model, training=True))
+    losses = model(**data(model, training=True), mode='loss')
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
     assert model.backbone.patch_embed.projection.weight.grad is not None
     model.eval()
     with torch.no_grad():
-        results = model.predict(**data(model, training=False))
-    assert len(results[0].pred_instances) == 10
+        results = model(**data(model, training=False), mode='predict')
+    assert len(results[0].pred_instances) == 100
     assert torch.isfinite(results[0].pred_instances.bboxes).all()

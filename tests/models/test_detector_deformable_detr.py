@@ -10,7 +10,7 @@ from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.converters import (CheckpointMismatchError, load_converted)
+from ddetr_plugin.converters import CheckpointMismatchError, load_converted
 from ddetr_plugin.registry import MODELS
 
 pytest.importorskip('scipy')
@@ -70,11 +70,13 @@ def test_configs_set_the_variant_and_the_head(variant, refine, two_stage):
     assert config.custom_imports.imports == ['ddetr_plugin']
     assert config.optim_wrapper.optimizer.lr == 2e-4
     assert config.auto_scale_lr.base_batch_size == 32
-    model = build(tiny_cfg(variant))
+    cfg = tiny_cfg(variant)
+    cfg.transformer.decoder.num_layers = 2
+    model = build(cfg)
     assert (model.with_box_refine, model.as_two_stage) == (refine, two_stage)
     head = model.bbox_head
     assert head.share_pred_layer is (not refine)
-    assert head.num_pred_layer == 1 + int(two_stage)
+    assert head.num_pred_layer == 2 + int(two_stage)
     assert head.as_two_stage is two_stage
     shared = head.cls_branches[0] is head.cls_branches[-1]
     assert shared is (not refine)
@@ -89,7 +91,7 @@ def test_loss_and_predict_run_and_learn(variant):
         model, [(96, 128), (80, 100)],
         [[[10, 10, 60, 50], [20, 30, 100, 90]], []],
         training=True)
-    losses = model.loss(**data)
+    losses = model(**data, mode='loss')
     total = sum(value for value in losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -99,10 +101,11 @@ def test_loss_and_predict_run_and_learn(variant):
     model.eval()
     data = batch(model, [(96, 128), (80, 100)], [[], []], training=False)
     with torch.no_grad():
-        results = model.predict(**data)
+        results = model(**data, mode='predict')
     for result in results:
         instances = result.pred_instances
-        assert len(instances) == 10
+        # test_cfg.max_per_img of the (query, class) pairs.
+        assert len(instances) == 100
         assert torch.isfinite(instances.bboxes).all()
 
 
@@ -113,27 +116,27 @@ def test_image_smaller_than_the_coarsest_stride():
     for sizes in ([(20, 20)], [(20, 20), (150, 90)]):
         data = batch(model, sizes, [[]] * len(sizes), training=False)
         with torch.no_grad():
-            results = model.predict(**data)
+            results = model(**data, mode='predict')
         boxes = results[0].pred_instances.bboxes
         assert torch.isfinite(boxes).all()
         # Rescaled boxes are clipped to the 20x20 image.
         assert boxes.min() >= 0 and boxes.max() <= 20
     model.train()
     data = batch(model, [(20, 20)], [[[2, 2, 15, 18]]], training=True)
-    assert all(torch.isfinite(v) for v in model.loss(**data).values())
+    assert all(torch.isfinite(v) for v in model(**data, mode='loss').values())
 
 
 def test_two_stage_small_image_error_says_what_to_change():
     model = build(tiny_cfg(TWO_STAGE, num_queries=20)).eval()
     data = batch(model, [(20, 20)], [[]], training=False)
     with pytest.raises(ValueError, match='lower num_queries'):
-        model.predict(**data)
+        model(**data, mode='predict')
 
 
 def test_images_without_boxes_give_zero_box_losses():
     model = build(tiny_cfg(BASE, num_queries=10)).train()
     data = batch(model, [(64, 64), (64, 80)], [[], []], training=True)
-    losses = model.loss(**data)
+    losses = model(**data, mode='loss')
     assert losses['loss_cls'] > 0
     assert losses['loss_bbox'] == 0 and losses['loss_iou'] == 0
 
@@ -142,7 +145,7 @@ def test_zero_width_boxes_give_finite_losses():
     model = build(tiny_cfg(REFINE, num_queries=10)).train()
     data = batch(
         model, [(64, 64)], [[[10, 10, 10, 40], [5, 5, 30, 5]]], training=True)
-    losses = model.loss(**data)
+    losses = model(**data, mode='loss')
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()

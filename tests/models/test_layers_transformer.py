@@ -4,9 +4,12 @@ import math
 import pytest
 import torch
 
-from ddetr_plugin.models.layers import (
-    DeformableDetrDecoder, DeformableDetrEncoder, DeformableDetrTransformer,
-    SinePositionalEncoding, inverse_sigmoid, proposal_positional_encoding)
+from ddetr_plugin.models.layers import DeformableDetrTransformer
+from ddetr_plugin.models.layers.decoder import (DeformableDetrDecoder,
+                                                inverse_sigmoid)
+from ddetr_plugin.models.layers.encoder import DeformableDetrEncoder
+from ddetr_plugin.models.layers.positional_encoding import (
+    SinePositionalEncoding, proposal_positional_encoding)
 
 EMBED_DIMS = 32
 

@@ -3,7 +3,7 @@
 Usage::
 
     python tools/model_converters/mmdet_to_plugin.py IN.pth OUT.pth \
-        [--config configs/deformable_detr/deformable-detr_r50_16xb2-50e_coco.py]
+        [--config CONFIG] [--trust-input]
 
 ``IN`` is a checkpoint written by MMDetection 3.x (its ``state_dict`` entry,
 or a bare state dict). ``OUT`` gets ``{'state_dict': ..., 'meta': ...}`` in
