@@ -62,8 +62,8 @@ def main():
         version=read_version(),
         description='Deformable DETR for MMDetection 3.x with its own '
         'multi-scale deformable attention op',
-        packages=find_packages(exclude=('tests', 'tests.*', 'configs',
-                                        'tools', 'demo')),
+        packages=find_packages(
+            exclude=('tests', 'tests.*', 'configs', 'tools', 'demo')),
         python_requires='>=3.9',
         ext_modules=make_extensions(),
         cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)},

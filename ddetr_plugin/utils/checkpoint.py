@@ -65,9 +65,8 @@ def checkpoint_safe_globals() -> List[object]:
     """Every non-tensor global an MMEngine checkpoint of this project
     refers to."""
     from mmengine.logging import HistoryBuffer
-    return [
-        HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')
-    ] + _numpy_types()
+    return [HistoryBuffer,
+            (_history_buffer_getattr, 'builtins.getattr')] + _numpy_types()
 
 
 def trust_checkpoint(path: str) -> None:

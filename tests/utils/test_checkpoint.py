@@ -54,13 +54,14 @@ def _runner(work_dir, max_epochs, resume=False, load_from=None):
         model=_LineModel(),
         work_dir=str(work_dir),
         train_dataloader=DataLoader(
-            _LineData(), batch_size=4, shuffle=False,
+            _LineData(),
+            batch_size=4,
+            shuffle=False,
             collate_fn=lambda batch: dict(
                 inputs=torch.stack([b['inputs'] for b in batch]),
                 targets=torch.stack([b['targets'] for b in batch]))),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        optim_wrapper=dict(
-            optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
         param_scheduler=dict(type='MultiStepLR', milestones=[1], gamma=0.5),
         default_hooks=dict(
             checkpoint=dict(type='CheckpointHook', interval=1),
@@ -99,9 +100,12 @@ def test_plain_torch_load_refuses_mmengine_checkpoint(trained):
             '    torch.load(sys.argv[1])\n'
             'except Exception as e:\n'
             '    print(type(e).__name__)\n')
-    out = subprocess.run([sys.executable, '-c', code,
-                          str(work_dir / 'epoch_2.pth')],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, '-c', code,
+         str(work_dir / 'epoch_2.pth')],
+        capture_output=True,
+        text=True,
+        check=True)
     assert 'UnpicklingError' in out.stdout
 
 
