@@ -319,6 +319,26 @@ def check_variant(state_dict: Mapping[str, Tensor], variant: str) -> None:
             'as_two_stage=True)')
 
 
+def variant_of_model_config(model_cfg: Mapping) -> str:
+    """The official variant a detector config builds.
+
+    Args:
+        model_cfg (Mapping): A ``DeformableDETR`` model config, with the
+            flags ``with_box_refine`` and ``as_two_stage``.
+
+    Returns:
+        str: ``'plain'``, ``'refine'`` or ``'two-stage'``.
+    """
+    refine = bool(model_cfg.get('with_box_refine', False))
+    two_stage = bool(model_cfg.get('as_two_stage', False))
+    if two_stage and not refine:
+        raise OfficialCheckpointError(
+            'the config sets as_two_stage=True with with_box_refine=False; '
+            'the official two-stage checkpoints also refine boxes, so set '
+            'with_box_refine=True')
+    return 'two-stage' if two_stage else 'refine' if refine else 'plain'
+
+
 def compare_state_dicts(converted: Mapping[str, Tensor],
                         expected: Mapping[str, Tensor]) -> Dict[str, list]:
     """Missing, unexpected and misshapen keys of ``converted``.

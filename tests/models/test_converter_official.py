@@ -329,6 +329,16 @@ def test_variant_is_detected_and_checked():
         converter.check_variant(refine, 'refined')
 
 
+def test_variant_of_model_config():
+    for variant, name in CONFIG_NAMES.items():
+        config = Config.fromfile(osp.join(MMDET_CONFIG_DIR, name))
+        assert converter.variant_of_model_config(config.model) == variant
+    with pytest.raises(
+            converter.OfficialCheckpointError, match='with_box_refine=True'):
+        converter.variant_of_model_config(
+            dict(with_box_refine=False, as_two_stage=True))
+
+
 def test_foreign_state_dicts_are_refused():
     with pytest.raises(converter.OfficialCheckpointError, match='transformer'):
         converter.official_to_mmdet_state_dict({'conv.weight': torch.zeros(1)})
@@ -410,6 +420,16 @@ def test_command_line_tool(tmp_path):
         fake_official_checkpoint('refine'))
     assert set(saved['state_dict']) == set(expected)
     assert saved['meta']['variant'] == 'refine'
+
+    plain_config = osp.join(REPO, 'configs', 'deformable_detr',
+                            CONFIG_NAMES['plain'])
+    mismatch = subprocess.run(
+        [sys.executable, script, source, output, '--config', plain_config],
+        env=env,
+        capture_output=True,
+        text=True)
+    assert mismatch.returncode != 0
+    assert "builds a 'plain' Deformable DETR" in mismatch.stderr
 
     wrong = subprocess.run(
         [sys.executable, script, source, output, '--variant', 'two-stage'],

@@ -57,14 +57,26 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_against_config(state_dict: dict, config_path: str) -> None:
-    """Build the config's model and load the weights strictly into it."""
+def check_against_config(state_dict: dict, variant: str,
+                         config_path: str) -> None:
+    """Build the config's model and load the weights strictly into it.
+
+    The variants share their key layout, so the config's flags are compared
+    with the checkpoint's variant first: a refinement checkpoint would load
+    into a plain model and silently compute something else.
+    """
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
     from ddetr_plugin.converters import load_converted
     from ddetr_plugin.registry import MODELS
     config = Config.fromfile(config_path)
+    config_variant = official.variant_of_model_config(config.model)
+    if config_variant != variant:
+        raise official.OfficialCheckpointError(
+            f'{config_path} builds a {config_variant!r} Deformable DETR but '
+            f'the checkpoint is a {variant!r} one; use the config of that '
+            'variant (with_box_refine / as_two_stage)')
     init_default_scope(config.get('default_scope', 'ddetr_plugin'))
     model_cfg = config.model
     # The weights are about to be replaced: no pretrained download.
@@ -84,7 +96,7 @@ def main(argv: Optional[list] = None) -> None:
     category_ids = None if args.keep_classes else official.COCO_CATEGORY_IDS
     converted = official.convert_official_state_dict(state_dict, category_ids)
     if args.config:
-        check_against_config(converted, args.config)
+        check_against_config(converted, variant, args.config)
     torch.save(
         dict(
             state_dict=converted,
