@@ -3,13 +3,15 @@ import copy
 
 import pytest
 import torch
+from mmdet.models.dense_heads import detr_head
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmdet.structures import DetDataSample
 from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData
 from torch import nn
 
-from ddetr_plugin.models.dense_heads import DeformableDETRHead
+from ddetr_plugin.models.dense_heads import (DeformableDETRHead,
+                                             set_prediction_head)
 from ddetr_plugin.models.task_modules import HungarianAssigner
 from ddetr_plugin.registry import MODELS
 
@@ -163,6 +165,25 @@ def test_losses_and_gradients_equal_mmdet(variant, sync_cls_avg_factor):
     for our_gradient, their_gradient in zip(our_gradients, their_gradients):
         torch.testing.assert_close(
             our_gradient, their_gradient, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('sync_cls_avg_factor', [False, True])
+def test_distributed_normalisation_equals_mmdet(monkeypatch,
+                                                sync_cls_avg_factor):
+    # Stand-in for an all-reduce where the other processes hold 2.5 times
+    # as many objects: only the normalisers that mmdet averages over
+    # processes may change.
+    def fake_reduce_mean(tensor):
+        return tensor * 2.5
+
+    monkeypatch.setattr(set_prediction_head, 'reduce_mean', fake_reduce_mean)
+    monkeypatch.setattr(detr_head, 'reduce_mean', fake_reduce_mean)
+    ours, theirs = build_heads('two-stage', sync_cls_avg_factor)
+    our_losses, _ = run_loss(ours, 'two-stage')
+    their_losses, _ = run_loss(theirs, 'two-stage')
+    for key, value in our_losses.items():
+        torch.testing.assert_close(
+            value, their_losses[key].reshape(()), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('variant', ['refine', 'two-stage'])
