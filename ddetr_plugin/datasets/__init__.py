@@ -1,1 +1,8 @@
+"""Data sets of the plugin; imported by ``ddetr_plugin`` for registration."""
+from .checked_coco import (AnnotationError, CheckedCocoDataset, ImageLoadError,
+                           InvalidAnnotationWarning)
 
+__all__ = [
+    'AnnotationError', 'CheckedCocoDataset', 'ImageLoadError',
+    'InvalidAnnotationWarning'
+]

@@ -1,0 +1,227 @@
+"""A COCO detection data set that checks its files instead of trusting them.
+
+MMDetection's ``CocoDataset`` reads whatever the annotation file says and
+quietly drops what it cannot use: a box of negative size, a box outside its
+image, an annotation whose category is not in the file, a class name in the
+config that the file does not know (which silently shifts every label after
+it). :class:`CheckedCocoDataset` behaves the same on a clean file and
+otherwise:
+
+* raises ``FileNotFoundError`` naming a missing data root, annotation file or
+  image folder before anything else happens;
+* raises :class:`AnnotationError` naming the file for malformed JSON,
+  malformed boxes, annotations of unknown category ids or images, and class
+  names the file does not define;
+* warns with :class:`InvalidAnnotationWarning` naming the file and the
+  annotations for boxes it skips (empty, negative size, outside the image);
+* raises :class:`ImageLoadError` naming the image file when an image cannot
+  be read or transformed.
+"""
+import math
+import os.path as osp
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+from mmdet.datasets import CocoDataset
+from mmdet.datasets.api_wrappers import COCO
+from mmengine.fileio import get_local_path
+
+from ..registry import DATASETS
+
+# A box may stick out of its image by this many pixels before it is skipped:
+# COCO's own annotations exceed the border by rounding errors.
+BORDER_TOLERANCE = 1.0
+# How many skipped boxes a warning lists before it only counts them.
+MAX_LISTED = 5
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed or contradicts the configuration."""
+
+
+class ImageLoadError(RuntimeError):
+    """An image of the data set cannot be read or transformed."""
+
+
+class InvalidAnnotationWarning(UserWarning):
+    """Annotations were skipped because their boxes cannot be used."""
+
+
+def _is_remote(path: Optional[str]) -> bool:
+    return bool(path) and '://' in str(path)
+
+
+def _box_problem(bbox: Sequence[float], width: float,
+                 height: float) -> Optional[str]:
+    """Why a well-formed [x, y, w, h] box cannot be used, or None."""
+    x, y, box_width, box_height = bbox
+    if box_width < 1 or box_height < 1:
+        return (f'size {box_width} x {box_height} is below one pixel'
+                if box_width > 0 and box_height > 0 else
+                f'non-positive size {box_width} x {box_height}')
+    if (x < -BORDER_TOLERANCE or y < -BORDER_TOLERANCE
+            or x + box_width > width + BORDER_TOLERANCE
+            or y + box_height > height + BORDER_TOLERANCE):
+        return f'it lies outside the {width} x {height} image'
+    return None
+
+
+@DATASETS.register_module()
+class CheckedCocoDataset(CocoDataset):
+    """``CocoDataset`` that reports bad files instead of skipping silently.
+
+    Takes exactly the arguments of MMDetection's ``CocoDataset`` and yields
+    the same samples for a valid annotation file.
+    """
+
+    def full_init(self) -> None:
+        """Check that the files exist, then load the annotations."""
+        if not self._fully_initialized:
+            self._check_paths()
+        super().full_init()
+
+    def _check_paths(self) -> None:
+        if self.backend_args or _is_remote(self.ann_file):
+            return  # only local files can be checked cheaply
+        if self.data_root and not osp.isdir(self.data_root):
+            raise FileNotFoundError(
+                f'data_root {self.data_root!r} of {type(self).__name__} is '
+                f'not a folder (resolved to {osp.abspath(self.data_root)!r})')
+        if not osp.isfile(self.ann_file):
+            raise FileNotFoundError(
+                f'annotation file {self.ann_file!r} of '
+                f'{type(self).__name__} does not exist (resolved to '
+                f'{osp.abspath(self.ann_file)!r})')
+        image_folder = self.data_prefix.get('img', '')
+        if image_folder and not osp.isdir(image_folder):
+            raise FileNotFoundError(
+                f'image folder {image_folder!r} (data_prefix.img) of '
+                f'{type(self).__name__} is not a folder (resolved to '
+                f'{osp.abspath(image_folder)!r})')
+
+    def _read_annotation_file(self) -> COCO:
+        with get_local_path(
+                self.ann_file, backend_args=self.backend_args) as local_path:
+            try:
+                return self.COCOAPI(local_path)
+            except (ValueError, KeyError, TypeError) as error:
+                raise AnnotationError(
+                    f'{self.ann_file!r} is not a valid COCO annotation file '
+                    f'({type(error).__name__}: {error})') from error
+
+    def _check_categories(self, coco: COCO) -> None:
+        """Every configured class and every annotation's category must be
+        defined by the file."""
+        names_in_file = [category['name'] for category in coco.cats.values()]
+        missing = [
+            name for name in self.metainfo['classes']
+            if name not in names_in_file
+        ]
+        if missing:
+            raise AnnotationError(
+                f'classes {missing} of the configuration are not categories '
+                f'of {self.ann_file!r}, which defines {names_in_file}')
+        for annotation in coco.anns.values():
+            if annotation.get('category_id') not in coco.cats:
+                raise AnnotationError(
+                    f'annotation id {annotation.get("id")} in '
+                    f'{self.ann_file!r} has category_id '
+                    f'{annotation.get("category_id")!r}, which is not among '
+                    f'the file\'s category ids {sorted(coco.cats)}')
+            if annotation.get('image_id') not in coco.imgs:
+                raise AnnotationError(
+                    f'annotation id {annotation.get("id")} in '
+                    f'{self.ann_file!r} refers to image_id '
+                    f'{annotation.get("image_id")!r}, which is not among the '
+                    'file\'s images')
+
+    def _usable(self, annotation: Dict, image: Dict,
+                skipped: List[str]) -> bool:
+        """Whether an annotation's box can be used; records why not."""
+        bbox = annotation.get('bbox')
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(value, (int, float)) for value in bbox)
+                or not all(math.isfinite(value) for value in bbox)):
+            raise AnnotationError(
+                f'annotation id {annotation.get("id")} in {self.ann_file!r} '
+                f'has bbox {bbox!r}; expected four finite numbers [x, y, '
+                'width, height]')
+        problem = _box_problem(bbox, image['width'], image['height'])
+        if problem is None and annotation.get('area', 1) <= 0:
+            problem = f'area {annotation["area"]} is not positive'
+        if problem is not None:
+            skipped.append(f'annotation id {annotation.get("id")} '
+                           f'(image {image["file_name"]!r}, bbox {bbox}): '
+                           f'{problem}')
+        return problem is None
+
+    def load_data_list(self) -> List[dict]:
+        """Read and check the annotation file, then parse every image the
+        way ``CocoDataset`` does, without the boxes that cannot be used.
+
+        Returns:
+            list[dict]: One data info dict per image.
+        """
+        coco = self._read_annotation_file()
+        self._check_categories(coco)
+        # Labels follow the file's order of the configured categories, as
+        # in CocoDataset and CocoMetric (which must agree on it).
+        self.cat_ids = coco.get_cat_ids(cat_names=self.metainfo['classes'])
+        names = [
+            coco.cats[category_id]['name'] for category_id in self.cat_ids
+        ]
+        configured = list(self.metainfo['classes'])
+        if names != configured:
+            warnings.warn(
+                f'the classes of the configuration are ordered {configured} '
+                f'but {self.ann_file!r} orders them {names}; labels follow '
+                'the file, as in MMDetection, so class names shown by the '
+                'visualizer will be wrong unless the orders agree',
+                UserWarning,
+                stacklevel=2)
+        self.cat2label = {
+            category_id: label
+            for label, category_id in enumerate(self.cat_ids)
+        }
+        self.cat_img_map = {
+            category_id: list(coco.cat_img_map[category_id])
+            for category_id in self.cat_ids
+        }
+        # pycocotools indexes annotations by id, so duplicates collapse.
+        if len(coco.anns) != len(coco.dataset.get('annotations', [])):
+            raise AnnotationError(
+                f'annotation ids in {self.ann_file!r} are not unique')
+
+        skipped: List[str] = []
+        data_list = []
+        for image_id in coco.get_img_ids():
+            image = dict(coco.load_imgs([image_id])[0], img_id=image_id)
+            annotations = [
+                annotation for annotation in coco.load_anns(
+                    coco.get_ann_ids(img_ids=[image_id]))
+                if self._usable(annotation, image, skipped)
+            ]
+            data_list.append(
+                self.parse_data_info(
+                    dict(raw_img_info=image, raw_ann_info=annotations)))
+        if skipped:
+            listed = '; '.join(skipped[:MAX_LISTED])
+            more = len(skipped) - MAX_LISTED
+            warnings.warn(
+                f'{self.ann_file!r}: skipped {len(skipped)} annotation(s) '
+                f'whose box cannot be used: {listed}' +
+                (f'; and {more} more' if more > 0 else ''),
+                InvalidAnnotationWarning,
+                stacklevel=2)
+        return data_list
+
+    def prepare_data(self, idx: int) -> Optional[dict]:
+        """Run the pipeline on one image; failures name the image file."""
+        try:
+            return super().prepare_data(idx)
+        except Exception as error:
+            image_path = self.get_data_info(idx).get('img_path')
+            raise ImageLoadError(
+                f'could not load or transform image {image_path!r} (index '
+                f'{idx} of {self.ann_file!r}): {type(error).__name__}: '
+                f'{error}') from error

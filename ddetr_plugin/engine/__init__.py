@@ -1,0 +1,15 @@
+"""Training and testing machinery of the plugin.
+
+Importing this package registers :class:`AtomicCheckpointHook` in the
+``ddetr_plugin`` scope.
+"""
+from .atomic_io import atomic_write_bytes, atomic_write_text
+from .checkpoint_check import CheckpointMismatchError, check_checkpoint_matches
+from .checkpoint_hook import AtomicCheckpointHook
+from .launch import load_config, prepare_distributed, use_plugin_scope
+
+__all__ = [
+    'AtomicCheckpointHook', 'CheckpointMismatchError', 'atomic_write_bytes',
+    'atomic_write_text', 'check_checkpoint_matches', 'load_config',
+    'prepare_distributed', 'use_plugin_scope'
+]

@@ -1,0 +1,97 @@
+"""Refusing to evaluate a model with weights from a different model.
+
+MMEngine loads checkpoints with ``strict=False`` and only logs the keys that
+did not match, so ``tools/test.py`` given another model's checkpoint reports
+the accuracy of a mostly random model. :func:`check_checkpoint_matches`
+compares the checkpoint's state dict with the model's before testing and
+raises with the lists of missing, unexpected and mis-shaped keys.
+"""
+from typing import Dict, List
+
+import torch
+from mmengine.model import is_model_wrapper
+from mmengine.runner.checkpoint import _load_checkpoint
+
+# How many keys of each kind an error lists before it only counts them.
+MAX_LISTED = 10
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's weights do not fit the model of the config."""
+
+
+def _strip_wrapper_prefix(state_dict: Dict[str, object]) -> Dict[str, object]:
+    """Remove the ``module.`` prefix that (Distributed)DataParallel adds."""
+    if state_dict and all(key.startswith('module.') for key in state_dict):
+        return {
+            key[len('module.'):]: value
+            for key, value in state_dict.items()
+        }
+    return state_dict
+
+
+def _listing(title: str, keys: List[str]) -> str:
+    shown = ', '.join(keys[:MAX_LISTED])
+    more = len(keys) - MAX_LISTED
+    suffix = f', ... ({more} more)' if more > 0 else ''
+    return f'\n  {len(keys)} {title}: {shown}{suffix}'
+
+
+def compare_state_dicts(model_state: Dict[str, torch.Tensor],
+                        checkpoint_state: Dict[str, object]) -> Dict:
+    """Keys of a checkpoint that do not fit a model.
+
+    Args:
+        model_state (dict[str, Tensor]): ``model.state_dict()``.
+        checkpoint_state (dict[str, object]): The checkpoint's state dict.
+
+    Returns:
+        dict: ``missing`` (in the model only), ``unexpected`` (in the
+        checkpoint only) and ``mismatched`` (``'key: checkpoint shape vs
+        model shape'`` strings), each a sorted list.
+    """
+    missing = sorted(set(model_state) - set(checkpoint_state))
+    unexpected = sorted(set(checkpoint_state) - set(model_state))
+    mismatched = []
+    for key in sorted(set(model_state) & set(checkpoint_state)):
+        saved = checkpoint_state[key]
+        wanted = model_state[key]
+        if isinstance(saved, torch.Tensor) and saved.shape != wanted.shape:
+            mismatched.append(f'{key}: {tuple(saved.shape)} in the '
+                              f'checkpoint vs {tuple(wanted.shape)} in the '
+                              'model')
+    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched)
+
+
+def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
+    """Raise unless ``filename`` holds exactly the weights of ``model``.
+
+    Args:
+        model (nn.Module): The model to evaluate, possibly wrapped.
+        filename (str): The checkpoint, loaded through MMEngine (and so
+            through the plugin's weights-only loader for local files).
+
+    Raises:
+        CheckpointMismatchError: Listing the missing, unexpected and
+            mis-shaped keys.
+    """
+    if is_model_wrapper(model):
+        model = model.module
+    checkpoint = _load_checkpoint(filename, map_location='cpu')
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(
+            f'{filename!r} holds a {type(checkpoint).__name__}, expected a '
+            'dict of weights or a dict with a "state_dict" entry')
+    state = checkpoint.get('state_dict', checkpoint)
+    differences = compare_state_dicts(model.state_dict(),
+                                      _strip_wrapper_prefix(state))
+    if any(differences.values()):
+        raise CheckpointMismatchError(
+            f'checkpoint {filename!r} does not fit the model '
+            f'{type(model).__name__} of the config; it was probably saved '
+            'from another model or config:' +
+            _listing('missing keys (in the model, not in the checkpoint)',
+                     differences['missing']) +
+            _listing('unexpected keys (in the checkpoint, not in the model)',
+                     differences['unexpected']) +
+            _listing('keys of a different shape', differences['mismatched']))

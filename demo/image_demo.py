@@ -1,0 +1,128 @@
+"""Detect objects in images and draw the boxes.
+
+    python demo/image_demo.py IMAGE CONFIG --weights CHECKPOINT
+        [--out-dir DIR] [--score-thr 0.3] [--device cpu]
+
+IMAGE is an image file or a folder of images. For each image, the
+detections scoring at least ``--score-thr`` are drawn by MMDetection's
+``DetLocalVisualizer`` into ``DIR/<image name>`` (PNG, JPEG...: the input's
+format), and listed on standard output. A checkpoint whose weights do not
+fit the config's model is refused, naming the mismatched keys.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+from typing import List
+
+# The demo runs from a checkout without installing the package.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import mmcv
+import torch
+from mmdet.apis import inference_detector, init_detector
+from mmengine.config import DictAction
+from mmengine.dataset import Compose
+
+# Importing the plugin registers its classes.
+import ddetr_plugin  # noqa: F401
+from ddetr_plugin.engine import checkpoint_check, launch
+from ddetr_plugin.registry import VISUALIZERS
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Detect objects in images and draw them')
+    parser.add_argument('image', help='an image file or a folder of images')
+    parser.add_argument('config', help='config file of the model')
+    parser.add_argument(
+        '--weights', required=True, help='checkpoint of the model')
+    parser.add_argument(
+        '--out-dir', default='outputs', help='folder for the drawn images')
+    parser.add_argument(
+        '--score-thr',
+        type=float,
+        default=0.3,
+        help='draw detections scoring at least this')
+    parser.add_argument(
+        '--device',
+        default='cuda:0' if torch.cuda.is_available() else 'cpu',
+        help='device to run on')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, as key=value pairs')
+    return parser.parse_args(argv)
+
+
+def list_images(path: str) -> List[str]:
+    """The image files that ``path`` names: itself, or a folder's images."""
+    if osp.isfile(path):
+        return [path]
+    if osp.isdir(path):
+        images = sorted(
+            osp.join(path, name) for name in os.listdir(path)
+            if name.lower().endswith(IMAGE_SUFFIXES))
+        if not images:
+            raise FileNotFoundError(f'folder {path!r} holds no image files '
+                                    f'({", ".join(IMAGE_SUFFIXES)})')
+        return images
+    raise FileNotFoundError(f'image {path!r} does not exist')
+
+
+def inference_pipeline(cfg) -> Compose:
+    """The config's test pipeline without its annotation loading, which an
+    arbitrary image does not have."""
+    pipeline = [
+        transform for transform in cfg.test_dataloader.dataset.pipeline
+        if not str(transform['type']).endswith('LoadAnnotations')
+    ]
+    return Compose(pipeline)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    images = list_images(args.image)
+    if not osp.isfile(args.weights):
+        raise FileNotFoundError(f'--weights {args.weights!r} does not exist')
+    cfg = launch.load_config(args.config, args.cfg_options)
+    model = init_detector(cfg, args.weights, device=args.device)
+    checkpoint_check.check_checkpoint_matches(model, args.weights)
+
+    visualizer = VISUALIZERS.build(
+        dict(type='DetLocalVisualizer', name='image_demo'))
+    visualizer.dataset_meta = model.dataset_meta
+    pipeline = inference_pipeline(cfg)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for path in images:
+        image = mmcv.imread(path)
+        if image is None:
+            raise OSError(f'could not read image {path!r}')
+        result = inference_detector(model, path, test_pipeline=pipeline)
+        out_file = osp.join(args.out_dir, osp.basename(path))
+        visualizer.add_datasample(
+            osp.basename(path),
+            mmcv.bgr2rgb(image),
+            data_sample=result,
+            draw_gt=False,
+            pred_score_thr=args.score_thr,
+            out_file=out_file)
+        instances = result.pred_instances
+        keep = instances.scores >= args.score_thr
+        print(f'{path}: {int(keep.sum())} detections with score >= '
+              f'{args.score_thr}, drawn into {out_file}')
+        classes = model.dataset_meta.get('classes', ())
+        for box, score, label in zip(instances.bboxes[keep].tolist(),
+                                     instances.scores[keep].tolist(),
+                                     instances.labels[keep].tolist()):
+            name = classes[label] if label < len(classes) else str(label)
+            print(f'  {name:<20} {score:.3f}  [' +
+                  ', '.join(f'{value:.1f}' for value in box) + ']')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Shared pieces of the end-to-end tests of the tools.
+
+The tests train a deliberately tiny Deformable DETR (one encoder and one
+decoder layer of 32 channels, a ResNet-18 of width 8) on a few generated
+toy images, so that a run takes seconds on a CPU. The tiny config inherits
+the toy config and changes only sizes, so the tools, hooks, data set and
+model code paths are those of ``make demo``.
+"""
+import importlib.util
+import os
+import os.path as osp
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Dict, Optional, Sequence
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+HERE = osp.dirname(osp.abspath(__file__))
+TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
+
+TINY_CONFIG = '''
+_base_ = {base!r}
+data_root = {data_root!r}
+custom_imports = dict(
+    imports=['ddetr_plugin', 'ddetr_plugin.engine', 'tool_test_hooks'],
+    allow_failed_imports=False)
+model = dict(
+    num_queries=10,
+    backbone=dict(base_channels=8),
+    neck=dict(
+        in_channels=[16, 32, 64],
+        out_channels=32,
+        norm_cfg=dict(type='GN', num_groups=8)),
+    encoder=dict(
+        num_layers=1,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=32, num_heads=2),
+            ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
+    decoder=dict(
+        num_layers=1,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=32, num_heads=2),
+            cross_attn_cfg=dict(embed_dims=32, num_heads=2),
+            ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
+    positional_encoding=dict(num_feats=16))
+train_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root=data_root))
+val_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+train_cfg = dict(max_epochs={max_epochs}, val_interval={val_interval})
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=4),
+    dict(type='MultiStepLR', begin=0, end={max_epochs}, by_epoch=True,
+         milestones=[{milestone}], gamma=0.1)
+]
+default_hooks = dict(logger=dict(interval=1))
+custom_hooks = [
+    dict(type='StateDumpHook'),
+    dict(type='PauseHook'),
+    dict(type='InterruptSaveHook')
+]
+log_processor = dict(window_size=1)
+'''
+
+
+def _load_generator():
+    path = osp.join(REPO, 'tools', 'misc', 'make_toy_dataset.py')
+    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def toy_data(tmp_path_factory) -> str:
+    """Eight training and four validation toy images."""
+    out_dir = str(tmp_path_factory.mktemp('toy_data'))
+    _load_generator().generate(out_dir, seed=3, num_train=8, num_val=4)
+    return out_dir
+
+
+def write_tiny_config(folder: str,
+                      data_root: str,
+                      max_epochs: int = 2,
+                      val_interval: int = 1,
+                      extra: str = '') -> str:
+    """Write a tiny config inheriting the toy config into ``folder``."""
+    path = osp.join(folder, 'tiny_config.py')
+    with open(path, 'w') as file:
+        file.write(
+            TINY_CONFIG.format(
+                base=TOY_CONFIG,
+                data_root=data_root.rstrip('/') + '/',
+                max_epochs=max_epochs,
+                val_interval=val_interval,
+                milestone=max(1, max_epochs - 1)) + extra)
+    return path
+
+
+def tool_environment(extra: Optional[Dict[str, str]] = None) -> dict:
+    """Environment of a tool subprocess: the checkout and this folder are
+    importable, one thread per process keeps the two cores shared fairly."""
+    env = dict(os.environ)
+    paths = [REPO, HERE
+             ] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else [])
+    env['PYTHONPATH'] = os.pathsep.join(paths)
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env['PYTHONUNBUFFERED'] = '1'
+    env.update(extra or {})
+    return env
+
+
+def run_tool(arguments: Sequence[str],
+             timeout: float = 240,
+             check: bool = True,
+             env: Optional[Dict[str, str]] = None,
+             cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run ``python <arguments>`` from the repository; output is captured.
+
+    With ``check``, a failure shows the tail of the output.
+    """
+    result = subprocess.run(
+        [sys.executable] + list(arguments),
+        cwd=cwd or REPO,
+        env=tool_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f'{" ".join(arguments)} exited with '
+                    f'{result.returncode}:\n{result.stdout[-6000:]}')
+    return result
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def helpers() -> SimpleNamespace:
+    """The functions above, for test modules (which cannot import this
+    conftest under ``--import-mode=importlib``)."""
+    return SimpleNamespace(
+        repo=REPO,
+        write_tiny_config=write_tiny_config,
+        run_tool=run_tool,
+        tool_environment=tool_environment,
+        free_port=free_port)

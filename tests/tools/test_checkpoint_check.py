@@ -1,0 +1,72 @@
+"""A checkpoint of another model is refused with the keys that differ."""
+import pytest
+import torch
+from torch import nn
+
+from ddetr_plugin.engine.checkpoint_check import (CheckpointMismatchError,
+                                                  check_checkpoint_matches,
+                                                  compare_state_dicts)
+
+
+class TwoLayers(nn.Module):
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.first = nn.Linear(3, width)
+        self.second = nn.Linear(width, 2)
+
+
+def _save(tmp_path, state, name='model.pth', wrap=True):
+    path = str(tmp_path / name)
+    torch.save(dict(state_dict=state, meta={}) if wrap else state, path)
+    return path
+
+
+def test_matching_checkpoint_passes(tmp_path):
+    model = TwoLayers()
+    check_checkpoint_matches(model, _save(tmp_path, model.state_dict()))
+    # Plain state dicts and DataParallel prefixes are accepted too.
+    check_checkpoint_matches(
+        model, _save(tmp_path, model.state_dict(), 'plain.pth', wrap=False))
+    prefixed = {
+        f'module.{key}': value
+        for key, value in model.state_dict().items()
+    }
+    check_checkpoint_matches(model, _save(tmp_path, prefixed, 'ddp.pth'))
+
+
+def test_compare_lists_missing_unexpected_and_reshaped_keys():
+    model = TwoLayers().state_dict()
+    saved = dict(TwoLayers(width=5).state_dict())
+    del saved['second.bias']
+    saved['third.weight'] = torch.zeros(1)
+    differences = compare_state_dicts(model, saved)
+    assert differences['missing'] == ['second.bias']
+    assert differences['unexpected'] == ['third.weight']
+    assert differences['mismatched'] == [
+        'first.bias: (5,) in the checkpoint vs (4,) in the model',
+        'first.weight: (5, 3) in the checkpoint vs (4, 3) in the model',
+        'second.weight: (2, 5) in the checkpoint vs (2, 4) in the model'
+    ]
+
+
+def test_other_model_raises_naming_file_and_keys(tmp_path):
+    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    path = _save(tmp_path, other.state_dict(), 'resnet.pth')
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_matches(TwoLayers(), path)
+    message = str(error.value)
+    assert 'resnet.pth' in message and 'TwoLayers' in message
+    assert '4 missing keys' in message and 'first.weight' in message
+    assert '2 unexpected keys' in message and '0.weight' in message
+
+
+def test_long_key_lists_are_shortened(tmp_path):
+    many = {f'layer{index}.weight': torch.zeros(1) for index in range(25)}
+    with pytest.raises(CheckpointMismatchError, match=r'\(15 more\)'):
+        check_checkpoint_matches(TwoLayers(), _save(tmp_path, many))
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nothing.pth'):
+        check_checkpoint_matches(TwoLayers(), str(tmp_path / 'nothing.pth'))

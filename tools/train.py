@@ -1,0 +1,96 @@
+"""Train a detector of the ``ddetr_plugin`` scope with MMEngine's Runner.
+
+Usage is MMDetection's::
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]]
+        [--amp] [--auto-scale-lr] [--cfg-options KEY=VALUE ...]
+        [--launcher {none,pytorch,slurm}]
+
+``--resume`` alone continues from the checkpoint that ``WORK_DIR/
+last_checkpoint`` names; with a path, from that checkpoint. Distributed
+training goes through ``tools/dist_train.sh`` (torchrun) or
+``tools/slurm_train.sh``; without CUDA it uses the gloo backend.
+"""
+import argparse
+import os.path as osp
+import sys
+
+# The tools run from a checkout without installing the package.
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+# Importing the plugin registers its classes.
+import ddetr_plugin  # noqa: F401
+from ddetr_plugin.engine import launch
+from ddetr_plugin.registry import RUNNERS
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector')
+    parser.add_argument('config', help='config file')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='train with automatic mixed precision')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the total batch size against the '
+        "config's auto_scale_lr.base_batch_size")
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        const='auto',
+        help='resume from this checkpoint, or, without a value, from the '
+        'one that WORK_DIR/last_checkpoint names')
+    launch.add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    launch.set_local_rank(args.local_rank)
+    return args
+
+
+def configure(args) -> Config:
+    """The config with every command-line flag applied."""
+    cfg = launch.load_config(args.config, args.cfg_options, args.work_dir,
+                             args.launcher)
+    if args.amp:
+        optim_wrapper = cfg.get('optim_wrapper')
+        if optim_wrapper is None:
+            raise ValueError(f'--amp needs an optim_wrapper in {args.config}')
+        optim_wrapper.type = 'AmpOptimWrapper'
+        optim_wrapper.loss_scale = 'dynamic'
+    if args.auto_scale_lr:
+        auto_scale_lr = cfg.get('auto_scale_lr') or {}
+        if 'base_batch_size' not in auto_scale_lr:
+            raise ValueError(
+                '--auto-scale-lr needs auto_scale_lr = dict(base_batch_size='
+                f'...) in the config; {args.config} has auto_scale_lr = '
+                f'{cfg.get("auto_scale_lr")!r}')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(
+                f'--resume checkpoint {args.resume!r} does not exist')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    launch.prepare_distributed(cfg)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = configure(args)
+    runner = (
+        Runner.from_cfg(cfg)
+        if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    runner.train()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
