@@ -170,6 +170,17 @@ def test_focal_cost_prefers_the_confident_class():
     assert cost[1, 0] < cost[0, 0] and cost[0, 1] < cost[1, 1]
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_matched(dtype):
+    preds, gts = random_case(12, 4, seed=6)
+    half_preds = InstanceData(
+        scores=preds.scores.to(dtype), bboxes=preds.bboxes.to(dtype))
+    half_gts = InstanceData(labels=gts.labels, bboxes=gts.bboxes.to(dtype))
+    result = build_plugin_assigner().assign(half_preds, half_gts, IMG_META)
+    matched = result.gt_inds[result.gt_inds > 0] - 1
+    assert sorted(matched.tolist()) == [0, 1, 2, 3]
+
+
 def test_non_finite_cost_is_reported():
     preds, gts = random_case(4, 2)
     preds.scores[0, :] = float('nan')

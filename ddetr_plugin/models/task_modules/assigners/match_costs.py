@@ -164,7 +164,12 @@ class BBoxL1Cost(MatchCost):
             pred_boxes = bbox_xyxy_to_cxcywh(pred_boxes)
             gt_boxes = bbox_xyxy_to_cxcywh(gt_boxes)
         factor = _image_size_factor(img_meta, gt_boxes, 'BBoxL1Cost')
-        distance = torch.cdist(pred_boxes / factor, gt_boxes / factor, p=1)
+        dtype = pred_boxes.dtype
+        pred_boxes, gt_boxes = pred_boxes / factor, gt_boxes / factor
+        # torch.cdist has no half-precision kernel outside autocast.
+        if dtype in (torch.float16, torch.bfloat16):
+            pred_boxes, gt_boxes = pred_boxes.float(), gt_boxes.float()
+        distance = torch.cdist(pred_boxes, gt_boxes, p=1).to(dtype)
         return distance * self.weight
 
     def __repr__(self) -> str:
