@@ -9,6 +9,7 @@ from mmengine.structures import InstanceData
 
 from ddetr_plugin.models.task_modules import (BBoxL1Cost, FocalLossCost,
                                               HungarianAssigner, IoUCost)
+from ddetr_plugin.models.task_modules.assigners import MATCHED_PAIRS
 from ddetr_plugin.registry import TASK_UTILS
 
 IMAGE_SIZE = (60, 80)  # (height, width)
@@ -101,6 +102,15 @@ def test_matching_is_optimal_by_brute_force(num_preds, num_gts, seed):
         gt_index = int(result.gt_inds[query])
         expected = gts.labels[gt_index - 1] if gt_index > 0 else -1
         assert int(result.labels[query]) == int(expected)
+
+
+def test_matched_pairs_agree_with_gt_inds():
+    preds, gts = random_case(20, 6, seed=8)
+    result = build_plugin_assigner().assign(preds, gts, IMG_META)
+    queries, gt_indices = result.get_extra_property(MATCHED_PAIRS)
+    expected_queries = torch.nonzero(result.gt_inds > 0).squeeze(1)
+    assert torch.equal(queries, expected_queries)
+    assert torch.equal(gt_indices, result.gt_inds[expected_queries] - 1)
 
 
 def test_no_ground_truth_makes_every_query_background():

@@ -167,6 +167,26 @@ def test_losses_and_gradients_equal_mmdet(variant, sync_cls_avg_factor):
             our_gradient, their_gradient, rtol=1e-4, atol=1e-6)
 
 
+def test_mmdet_assigner_in_the_plugin_head_gives_the_same_losses():
+    # An assigner without assign_batch or matched pairs (mmdet's) goes
+    # through the per-image fallback.
+    config = head_config('two-stage')
+    assigner = config['train_cfg']['assigner']
+    assigner['type'] = 'mmdet.HungarianAssigner'
+    for cost in assigner['match_costs']:
+        cost['type'] = 'mmdet.' + cost['type']
+    with DefaultScope.overwrite_default_scope('ddetr_plugin'):
+        fallback = MODELS.build(config)
+    assert not isinstance(fallback.assigner, HungarianAssigner)
+    ours, theirs = build_heads('two-stage')
+    fallback.load_state_dict(theirs.state_dict())
+    fallback_losses, _ = run_loss(fallback, 'two-stage')
+    their_losses, _ = run_loss(theirs, 'two-stage')
+    for key, value in fallback_losses.items():
+        torch.testing.assert_close(
+            value, their_losses[key].reshape(()), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize('sync_cls_avg_factor', [False, True])
 def test_distributed_normalisation_equals_mmdet(monkeypatch,
                                                 sync_cls_avg_factor):

@@ -300,19 +300,10 @@ class DeformableDETRHead(SetPredictionHead):
         if batch_gt_instances_ignore is not None:
             raise ValueError(f'{type(self).__name__} does not support '
                              'ignored ground truth; pass None')
-        losses = dict()
         num_layers = all_layers_cls_scores.shape[0]
-        for layer_index in range(num_layers):
-            loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
-                all_layers_cls_scores[layer_index],
-                all_layers_bbox_preds[layer_index], batch_gt_instances,
-                batch_img_metas)
-            prefix = ('' if layer_index == num_layers -
-                      1 else f'd{layer_index}.')
-            losses[f'{prefix}loss_cls'] = loss_cls
-            losses[f'{prefix}loss_bbox'] = loss_bbox
-            losses[f'{prefix}loss_iou'] = loss_iou
-
+        layer_outputs = [(all_layers_cls_scores[index],
+                          all_layers_bbox_preds[index], batch_gt_instances)
+                         for index in range(num_layers)]
         if enc_cls_scores is not None:
             # Proposals are class-agnostic: every object is class 0.
             proposal_gt_instances = []
@@ -320,12 +311,25 @@ class DeformableDETRHead(SetPredictionHead):
                 agnostic = gt_instances.clone()
                 agnostic.labels = torch.zeros_like(gt_instances.labels)
                 proposal_gt_instances.append(agnostic)
+            layer_outputs.append(
+                (enc_cls_scores, enc_bbox_preds, proposal_gt_instances))
+        # One matching call for all layers: one wait for the device.
+        all_assign_results = self.match(layer_outputs, batch_img_metas)
+
+        losses = dict()
+        for index, (outputs, assign_results) in enumerate(
+                zip(layer_outputs, all_assign_results)):
             loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
-                enc_cls_scores, enc_bbox_preds, proposal_gt_instances,
-                batch_img_metas)
-            losses['enc_loss_cls'] = loss_cls
-            losses['enc_loss_bbox'] = loss_bbox
-            losses['enc_loss_iou'] = loss_iou
+                *outputs, batch_img_metas, assign_results)
+            if index == num_layers:
+                prefix = 'enc_'
+            elif index == num_layers - 1:
+                prefix = ''
+            else:
+                prefix = f'd{index}.'
+            losses[f'{prefix}loss_cls'] = loss_cls
+            losses[f'{prefix}loss_bbox'] = loss_bbox
+            losses[f'{prefix}loss_iou'] = loss_iou
         return losses
 
     def predict(self,

@@ -16,10 +16,12 @@ from typing import List, Optional, Tuple
 import torch
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
 from mmdet.utils import reduce_mean
+from mmengine.dist import is_distributed
 from mmengine.model import BaseModule
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ddetr_plugin.models.task_modules.assigners import MATCHED_PAIRS
 from ddetr_plugin.registry import MODELS, TASK_UTILS
 
 
@@ -111,53 +113,74 @@ class SetPredictionHead(BaseModule):
                     'no sampler; remove train_cfg.sampler')
             self.assigner = TASK_UTILS.build(train_cfg['assigner'])
 
-    def _assign(self, cls_scores: Tensor, pred_boxes: Tensor,
-                batch_gt_instances: List[InstanceData],
-                batch_img_metas: List[dict]) -> list:
-        """Match the queries of every image to its ground truth.
+    def match(self, layer_outputs: List[Tuple[Tensor, Tensor, list]],
+              batch_img_metas: List[dict]) -> List[list]:
+        """Match the queries of several layers to the ground truth at once.
+
+        With the plugin's assigner, the cost matrices of every layer and
+        image reach the host in one copy, so a training step waits for the
+        device once for matching instead of once per layer and image.
 
         Args:
-            cls_scores (Tensor): (bs, num_queries, num_classes) logits.
-            pred_boxes (Tensor): (bs, num_queries, 4) pixel (x1, y1, x2, y2).
-            batch_gt_instances (list[InstanceData]): Ground truth per image.
-            batch_img_metas (list[dict]): Meta per image.
+            layer_outputs (list[tuple]): Per layer, ``cls_scores``
+                (bs, num_queries, num_classes) logits, ``bbox_preds``
+                (bs, num_queries, 4) normalised (cx, cy, w, h) and the
+                ground truth of each image (list[InstanceData]) to match.
+            batch_img_metas (list[dict]): Meta per image (``img_shape``).
 
         Returns:
-            list[AssignResult]: One per image.
+            list[list[AssignResult]]: Per layer, one result per image.
         """
         if not hasattr(self, 'assigner'):
             raise RuntimeError(f'{type(self).__name__} was built without '
                                'train_cfg.assigner and cannot compute losses')
-        batch_pred_instances = [
-            InstanceData(scores=scores, bboxes=boxes)
-            for scores, boxes in zip(cls_scores, pred_boxes)
-        ]
+        all_preds, all_gts, all_metas = [], [], []
+        for cls_scores, bbox_preds, batch_gt_instances in layer_outputs:
+            batch_size = bbox_preds.shape[0]
+            if len(batch_gt_instances) != batch_size or len(
+                    batch_img_metas) != batch_size:
+                raise ValueError(
+                    f'predictions cover {batch_size} images but got '
+                    f'{len(batch_gt_instances)} ground truths and '
+                    f'{len(batch_img_metas)} image metas')
+            # The costs compare pixel (x1, y1, x2, y2) boxes.
+            factors = image_size_factors(batch_img_metas, bbox_preds)
+            pred_boxes = bbox_cxcywh_to_xyxy(bbox_preds) * factors
+            all_preds += [
+                InstanceData(scores=scores, bboxes=boxes)
+                for scores, boxes in zip(cls_scores, pred_boxes)
+            ]
+            all_gts += list(batch_gt_instances)
+            all_metas += list(batch_img_metas)
         if hasattr(self.assigner, 'assign_batch'):
-            return self.assigner.assign_batch(batch_pred_instances,
-                                              batch_gt_instances,
-                                              batch_img_metas)
+            results = self.assigner.assign_batch(all_preds, all_gts, all_metas)
+        else:
+            results = [
+                self.assigner.assign(
+                    pred_instances=preds, gt_instances=gts, img_meta=meta)
+                for preds, gts, meta in zip(all_preds, all_gts, all_metas)
+            ]
+        batch_size = len(batch_img_metas)
         return [
-            self.assigner.assign(
-                pred_instances=pred_instances,
-                gt_instances=gt_instances,
-                img_meta=img_meta)
-            for pred_instances, gt_instances, img_meta in zip(
-                batch_pred_instances, batch_gt_instances, batch_img_metas)
+            results[start:start + batch_size]
+            for start in range(0, len(results), batch_size)
         ]
 
-    def get_targets(self, cls_scores: Tensor, bbox_preds: Tensor,
-                    batch_gt_instances: List[InstanceData],
-                    batch_img_metas: List[dict]) -> Tuple[Tensor, ...]:
-        """Match the queries of one decoder layer and build their targets.
+    def get_targets(
+            self, bbox_preds: Tensor, batch_gt_instances: List[InstanceData],
+            batch_img_metas: List[dict],
+            assign_results: list) -> Tuple[Tensor, Tensor, Tensor, int]:
+        """Targets of one layer's queries from their matching.
 
         Args:
-            cls_scores (Tensor): (bs, num_queries, num_classes) logits.
             bbox_preds (Tensor): (bs, num_queries, 4) normalised
                 (cx, cy, w, h) in [0, 1].
             batch_gt_instances (list[InstanceData]): Ground truth per image:
                 ``labels`` (num_gts,) and pixel ``bboxes`` (num_gts, 4)
                 (x1, y1, x2, y2).
             batch_img_metas (list[dict]): Meta per image (``img_shape``).
+            assign_results (list[AssignResult]): The layer's matching, one
+                per image (see :meth:`match`).
 
         Returns:
             tuple:
@@ -171,16 +194,7 @@ class SetPredictionHead(BaseModule):
             - num_matched (int): Number of matched queries in the batch.
         """
         batch_size, num_queries = bbox_preds.shape[:2]
-        if len(batch_gt_instances) != batch_size or len(
-                batch_img_metas) != batch_size:
-            raise ValueError(f'predictions cover {batch_size} images but got '
-                             f'{len(batch_gt_instances)} ground truths and '
-                             f'{len(batch_img_metas)} image metas')
         factors = image_size_factors(batch_img_metas, bbox_preds)
-        pred_boxes = bbox_cxcywh_to_xyxy(bbox_preds) * factors
-        assign_results = self._assign(cls_scores, pred_boxes,
-                                      batch_gt_instances, batch_img_metas)
-
         box_dtype = bbox_preds.dtype
         if batch_gt_instances:
             box_dtype = batch_gt_instances[0].bboxes.dtype
@@ -194,20 +208,29 @@ class SetPredictionHead(BaseModule):
         num_matched = 0
         for index, (gt_instances, result) in enumerate(
                 zip(batch_gt_instances, assign_results)):
-            matched_queries = torch.nonzero(result.gt_inds > 0).squeeze(1)
-            matched_gts = result.gt_inds[matched_queries] - 1
+            pairs = result.get_extra_property(MATCHED_PAIRS)
+            if pairs is None:
+                # Another assigner: recover the pairs from gt_inds (a
+                # nonzero, which waits for the device).
+                matched_queries = torch.nonzero(result.gt_inds > 0).squeeze(1)
+                pairs = (matched_queries, result.gt_inds[matched_queries] - 1)
+            matched_queries, matched_gts = pairs
             labels[index, matched_queries] = gt_instances.labels[matched_gts]
             # Boxes are learnt as (cx, cy, w, h) relative to the image.
             bbox_targets[index, matched_queries] = bbox_xyxy_to_cxcywh(
                 gt_instances.bboxes[matched_gts] / factors[index])
             bbox_weights[index, matched_queries] = 1.0
-            num_matched += matched_queries.numel()
+            num_matched += len(matched_queries)
         return labels, bbox_targets, bbox_weights, num_matched
 
     def loss_of_layer(
-            self, cls_scores: Tensor, bbox_preds: Tensor,
-            batch_gt_instances: List[InstanceData],
-            batch_img_metas: List[dict]) -> Tuple[Tensor, Tensor, Tensor]:
+        self,
+        cls_scores: Tensor,
+        bbox_preds: Tensor,
+        batch_gt_instances: List[InstanceData],
+        batch_img_metas: List[dict],
+        assign_results: Optional[list] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """Classification, L1 and IoU losses of one decoder layer's output.
 
         Args:
@@ -216,29 +239,39 @@ class SetPredictionHead(BaseModule):
                 (cx, cy, w, h).
             batch_gt_instances (list[InstanceData]): Ground truth per image.
             batch_img_metas (list[dict]): Meta per image (``img_shape``).
+            assign_results (list[AssignResult], optional): The layer's
+                matching from :meth:`match`; computed here when None.
 
         Returns:
             tuple[Tensor]: Scalar ``loss_cls``, ``loss_bbox``, ``loss_iou``.
         """
+        if assign_results is None:
+            assign_results = self.match(
+                [(cls_scores, bbox_preds, batch_gt_instances)],
+                batch_img_metas)[0]
         labels, bbox_targets, bbox_weights, num_matched = self.get_targets(
-            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas)
+            bbox_preds, batch_gt_instances, batch_img_metas, assign_results)
 
         # Every ground truth is matched once, so the matched count is the
         # number of objects; the classification loss is normalised by it
         # (background queries add no weight, as in Deformable DETR).
-        cls_avg_factor = cls_scores.new_tensor(float(num_matched))
         if self.sync_cls_avg_factor:
-            cls_avg_factor = reduce_mean(cls_avg_factor)
-        cls_avg_factor = cls_avg_factor.clamp(min=1)
+            cls_avg_factor = reduce_mean(
+                cls_scores.new_tensor(float(num_matched))).clamp(min=1)
+        else:
+            cls_avg_factor = max(float(num_matched), 1.0)
         loss_cls = self.loss_cls(
             cls_scores.reshape(-1, self.cls_out_channels),
             labels.reshape(-1),
             avg_factor=cls_avg_factor)
 
         # The box losses always use the object count averaged over
-        # processes, so that every process weighs a box the same.
-        num_objects = reduce_mean(cls_scores.new_tensor([num_matched]))
-        num_objects = num_objects.clamp(min=1).item()
+        # processes, so that every process weighs a box the same. Without
+        # other processes the count stays on the host (no device wait).
+        count_device = cls_scores.device if is_distributed() else 'cpu'
+        num_objects = reduce_mean(
+            torch.tensor([float(num_matched)], device=count_device))
+        num_objects = max(num_objects.item(), 1.0)
 
         factors = image_size_factors(batch_img_metas, bbox_preds)
         factors = factors.expand_as(bbox_preds).reshape(-1, 4)

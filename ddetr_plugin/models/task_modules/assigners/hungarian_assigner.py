@@ -10,7 +10,6 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mmdet.models.task_modules.assigners import AssignResult, BaseAssigner
 from mmengine.config import ConfigDict
 from mmengine.structures import InstanceData
@@ -20,6 +19,9 @@ from torch import Tensor
 from ddetr_plugin.registry import TASK_UTILS
 
 CostConfig = Union[dict, ConfigDict]
+# AssignResult extra property: (matched query indices, matched ground-truth
+# indices), two (num_matched,) long tensors.
+MATCHED_PAIRS = 'matched_pairs'
 
 
 @TASK_UTILS.register_module()
@@ -79,13 +81,17 @@ class HungarianAssigner(BaseAssigner):
         device = gt_labels.device
         gt_inds = torch.zeros(num_preds, dtype=torch.long, device=device)
         labels = torch.full((num_preds, ), -1, dtype=torch.long, device=device)
+        pred_index = torch.from_numpy(matched_preds).to(device)
+        gt_index = torch.from_numpy(matched_gts).to(device)
         if len(matched_preds) > 0:
-            pred_index = torch.from_numpy(matched_preds).to(device)
-            gt_index = torch.from_numpy(matched_gts).to(device)
             gt_inds[pred_index] = gt_index + 1
             labels[pred_index] = gt_labels[gt_index]
-        return AssignResult(
+        result = AssignResult(
             num_gts=num_gts, gt_inds=gt_inds, max_overlaps=None, labels=labels)
+        # The pairs, in increasing query order, spare the head a nonzero()
+        # on gt_inds, which would wait for the device.
+        result.set_extra_property(MATCHED_PAIRS, (pred_index, gt_index))
+        return result
 
     @staticmethod
     def _solve(cost: np.ndarray) -> tuple:
@@ -126,11 +132,12 @@ class HungarianAssigner(BaseAssigner):
             batch_img_metas: List[Optional[dict]]) -> List[AssignResult]:
         """Match every image of a batch, with one device-to-host copy.
 
-        The cost matrices are computed where the predictions live, joined
-        along the ground-truth axis and copied to the host once for the
-        whole batch (instead of once per image), then each image is solved
-        on its own block. The result equals calling :meth:`assign` per
-        image.
+        The cost matrices are computed where the predictions live and
+        copied to the host together, once for the whole batch instead of
+        once per image (each copy waits for the device), then each image
+        is solved on its own matrix. The result equals calling
+        :meth:`assign` per image. The entries need not be distinct images:
+        a head matches all its decoder layers in one call.
 
         Args:
             batch_pred_instances (list[InstanceData]): Predictions of each
@@ -167,23 +174,18 @@ class HungarianAssigner(BaseAssigner):
             costs.append(cost)
         host_costs = []
         if costs:
-            # Rows differ per image only when the query count does; pad the
-            # rare ragged case rather than copying image by image.
-            max_rows = max(cost.shape[0] for cost in costs)
-            padded = [
-                F.pad(cost, (0, 0, 0, max_rows - cost.shape[0]))
-                for cost in costs
-            ]
-            joined = torch.cat(padded, dim=1)
+            # Flattened, the matrices of any shapes join into one tensor, so
+            # the whole batch crosses to the host in one copy.
+            joined = torch.cat([cost.flatten() for cost in costs])
             # numpy has no bfloat16; widening half precision is exact.
             if joined.dtype in (torch.float16, torch.bfloat16):
                 joined = joined.float()
             joined = joined.cpu().numpy()
             start = 0
             for cost in costs:
-                rows, cols = cost.shape
-                host_costs.append(joined[:rows, start:start + cols])
-                start += cols
+                host_costs.append(joined[start:start + cost.numel()].reshape(
+                    cost.shape))
+                start += cost.numel()
 
         results = []
         for pred_instances, gt_instances, block in zip(batch_pred_instances,
