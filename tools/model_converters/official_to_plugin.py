@@ -109,4 +109,8 @@ def main(argv: Optional[list] = None) -> None:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        # The converter's errors say what to change: no traceback needed.
+        sys.exit(f'official_to_plugin: error: {error}')
