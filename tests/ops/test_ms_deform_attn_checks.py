@@ -92,3 +92,43 @@ def test_compiled_kernel_rejects_what_the_front_would_convert(random_inputs):
     value = inputs[0].transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(RuntimeError, match=re.escape('contiguous')):
         torch.ops.ddetr_plugin.ms_deform_attn_forward(value, *inputs[1:])
+
+
+def test_compiled_kernel_rejects_levels_past_the_keys(random_inputs):
+    ops = pytest.importorskip('ddetr_plugin.ops')
+    if not ops.extension_loaded():
+        pytest.skip(f'ddetr_plugin._C did not load: {ops.extension_error()}')
+    value, spatial_shapes, level_start_index, locations, weights = (
+        random_inputs())
+    # 20 keys; a last level of 3 x 3 starting at key 16 would reach key 25.
+    too_large = torch.tensor([[3, 5], [1, 1], [3, 3]])
+    grad_output = torch.zeros(2, 3, 8, dtype=torch.float64)
+    for call in (lambda: torch.ops.ddetr_plugin.ms_deform_attn_forward(
+            value, too_large, level_start_index, locations, weights),
+                 lambda: torch.ops.ddetr_plugin.ms_deform_attn_backward(
+                     grad_output, value, too_large, level_start_index,
+                     locations, weights)):
+        with pytest.raises(RuntimeError, match='does not fit in the 20 keys'):
+            call()
+
+
+def test_compiled_backward_zeroes_keys_outside_every_level(random_inputs):
+    ops = pytest.importorskip('ddetr_plugin.ops')
+    if not ops.extension_loaded():
+        pytest.skip(f'ddetr_plugin._C did not load: {ops.extension_error()}')
+    value, spatial_shapes, level_start_index, locations, weights = (
+        random_inputs())
+    grad_output = torch.randn(2, 3, 8, dtype=torch.float64)
+    expected = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+        grad_output, value, spatial_shapes, level_start_index, locations,
+        weights)
+    # Two keys past the last level: the raw op allows them (the front does
+    # not); their gradient must be zero, not whatever memory held.
+    padded = torch.cat([value, torch.randn_like(value[:, :2])], dim=1)
+    grads = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+        grad_output, padded, spatial_shapes, level_start_index, locations,
+        weights)
+    assert torch.equal(grads[0][:, 20:], torch.zeros_like(padded[:, 20:]))
+    torch.testing.assert_close(grads[0][:, :20], expected[0], atol=0, rtol=0)
+    for have, want in zip(grads[1:], expected[1:]):
+        torch.testing.assert_close(have, want, atol=0, rtol=0)

@@ -227,12 +227,17 @@ def peak_bytes(run: Callable[[], None], device: str) -> int:
         p.export_chrome_trace(path)
         with open(path) as file:
             events = json.load(file)['traceEvents']
-    totals = [
-        event['args']['Total Allocated'] for event in events
-        if event.get('name') == '[memory]'
-        and 'Total Allocated' in event.get('args', {})
-    ]
-    return max(totals, default=0)
+    memory = sorted((event
+                     for event in events if event.get('name') == '[memory]'
+                     and 'Total Allocated' in event.get('args', {})),
+                    key=lambda event: event['ts'])
+    if not memory:
+        return 0
+    # "Total Allocated" is the allocator's running total, which does not
+    # start at zero with the profiler: measure from its value at the start.
+    first = memory[0]['args']
+    start = first['Total Allocated'] - first['Bytes']
+    return max(event['args']['Total Allocated'] for event in memory) - start
 
 
 def moved_bytes(inputs: List[Tensor], backward: bool) -> int:

@@ -273,6 +273,16 @@ DDETR_CPU_CLONES void backward_triple(
   const int64_t height = spatial_shapes[2 * level];
   const int64_t width = spatial_shapes[2 * level + 1];
   const int64_t level_start = level_start_index[level];
+  // The triple zeroes its own slice of grad_value: no separate pass over
+  // the whole tensor, and the pages are first touched by the thread that
+  // accumulates into them.
+  for (int64_t key = level_start; key < level_start + height * width; ++key) {
+    scalar_t *grad_row =
+        batch_grad_value + (key * num_heads + head) * head_dims;
+    for (int64_t c = 0; c < head_dims; ++c) {
+      grad_row[c] = scalar_t(0);
+    }
+  }
   BilinearSample<scalar_t> sample;
   for (int64_t query = 0; query < num_queries; ++query) {
     const int64_t row = (batch * num_queries + query) * num_heads + head;
@@ -348,6 +358,33 @@ void check_inputs(const at::Tensor &value, const at::Tensor &spatial_shapes,
                 "ms_deform_attn: CPU kernel got a tensor on ",
                 tensor->device());
   }
+  // The kernels index the value with these sizes: a level reaching past
+  // the keys would read (and its gradient write) out of bounds.
+  const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
+  const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
+  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+    const int64_t height = shapes[2 * level], width = shapes[2 * level + 1];
+    TORCH_CHECK(height >= 0 && width >= 0 && starts[level] >= 0 &&
+                    starts[level] + height * width <= value.size(1),
+                "ms_deform_attn: level ", level, " of size (", height, ", ",
+                width, ") starting at key ", starts[level],
+                " does not fit in the ", value.size(1), " keys of value");
+  }
+}
+
+// Whether the levels cover every key of the value exactly once, in order.
+bool levels_tile_keys(const at::Tensor &spatial_shapes,
+                      const at::Tensor &level_start_index, int64_t num_keys) {
+  const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
+  const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
+  int64_t next_key = 0;
+  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
+    if (starts[level] != next_key) {
+      return false;
+    }
+    next_key += shapes[2 * level] * shapes[2 * level + 1];
+  }
+  return next_key == num_keys;
 }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor &value,
@@ -412,10 +449,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
               batch_size, ", ", num_queries, ", ", num_heads * head_dims,
               ") tensor of ", value.scalar_type(), ", got ",
               grad_output.sizes(), " ", grad_output.scalar_type());
-  at::Tensor grad_value = at::zeros_like(value);
+  // Every element of the three gradients is written by the kernel below
+  // (grad_value zeroed slice by slice, as the levels tile the keys).
+  at::Tensor grad_value = at::empty_like(value);
   at::Tensor grad_locations = at::empty_like(sampling_locations);
   at::Tensor grad_weights = at::empty_like(attention_weights);
+  if (!levels_tile_keys(spatial_shapes, level_start_index, num_keys)) {
+    // Keys outside every level get no gradient and no zeroing pass.
+    grad_value.zero_();
+  }
   if (grad_weights.numel() == 0) {
+    grad_value.zero_();
     grad_locations.zero_();
     return {grad_value, grad_locations, grad_weights};
   }
