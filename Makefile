@@ -39,9 +39,16 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 
 demo: setup
 	$(BIN)/python tools/misc/make_toy_dataset.py data/toy
-	$(BIN)/python tools/train.py $(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR)
-	$(BIN)/python tools/test.py $(DEMO_CONFIG) $(DEMO_WORK_DIR)/latest.pth \
-		--work-dir $(DEMO_WORK_DIR) --show-dir vis
+	# One thread each: on two shared cores, OpenMP threads mostly wait for
+	# each other. --resume continues an interrupted run (a finished one
+	# returns at once).
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python tools/train.py \
+		$(DEMO_CONFIG) --work-dir $(DEMO_WORK_DIR) --resume
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python tools/test.py \
+		$(DEMO_CONFIG) "$$(cat $(DEMO_WORK_DIR)/last_checkpoint)" \
+		--work-dir $(DEMO_WORK_DIR) --show-dir $(CURDIR)/$(DEMO_WORK_DIR)/vis \
+		--cfg-options \
+		test_evaluator.outfile_prefix=$(CURDIR)/$(DEMO_WORK_DIR)/results
 	$(BIN)/python tools/analysis_tools/plot_training.py $(DEMO_WORK_DIR)
 
 lint: setup

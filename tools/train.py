@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config
+from mmengine.device import get_device
 from mmengine.runner import Runner
 
 # Importing the plugin registers its classes.
@@ -56,6 +57,11 @@ def configure(args) -> Config:
     cfg = launch.load_config(args.config, args.cfg_options, args.work_dir,
                              args.launcher)
     if args.amp:
+        if get_device() == 'cpu':
+            raise ValueError(
+                '--amp trains with MMEngine\'s AmpOptimWrapper, which needs '
+                'a GPU (CUDA, NPU, MLU or MUSA); this machine has none, so '
+                'train without --amp')
         optim_wrapper = cfg.get('optim_wrapper')
         if optim_wrapper is None:
             raise ValueError(f'--amp needs an optim_wrapper in {args.config}')

@@ -30,22 +30,21 @@ custom_imports = dict(
 model = dict(
     num_queries=10,
     backbone=dict(base_channels=8),
-    neck=dict(
-        in_channels=[16, 32, 64],
-        out_channels=32,
-        norm_cfg=dict(type='GN', num_groups=8)),
-    encoder=dict(
-        num_layers=1,
-        layer_cfg=dict(
-            self_attn_cfg=dict(embed_dims=32, num_heads=2),
-            ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
-    decoder=dict(
-        num_layers=1,
-        layer_cfg=dict(
-            self_attn_cfg=dict(embed_dims=32, num_heads=2),
-            cross_attn_cfg=dict(embed_dims=32, num_heads=2),
-            ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
-    positional_encoding=dict(num_feats=16))
+    neck=dict(in_channels=[16, 32, 64], out_channels=32, num_groups=8),
+    transformer=dict(
+        encoder=dict(
+            num_layers=1,
+            layer_cfg=dict(
+                self_attn_cfg=dict(embed_dims=32, num_heads=2),
+                ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
+        decoder=dict(
+            num_layers=1,
+            layer_cfg=dict(
+                self_attn_cfg=dict(embed_dims=32, num_heads=2),
+                cross_attn_cfg=dict(embed_dims=32, num_heads=2),
+                ffn_cfg=dict(embed_dims=32, feedforward_channels=64))),
+        positional_encoding=dict(num_feats=16)),
+    bbox_head=dict(embed_dims=32))
 train_dataloader = dict(
     batch_size=2,
     num_workers=0,
