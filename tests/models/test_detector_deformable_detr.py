@@ -205,3 +205,38 @@ def test_forward_modes():
             data['inputs'], data['data_samples'], mode='tensor')
     assert cls_scores.shape == (1, 1, 10, 80)
     assert boxes.shape == (1, 1, 10, 4)
+
+
+def test_samples_without_batch_input_shape_are_explained():
+    model = build(tiny_cfg(num_queries=10)).eval()
+    sample = DetDataSample(metainfo=dict(img_shape=(64, 64)))
+    with pytest.raises(ValueError, match='data_preprocessor'):
+        model.predict(torch.zeros(1, 3, 64, 64), [sample])
+
+
+def test_optimizer_recipe_slows_the_right_parameters():
+    from mmengine.optim import build_optim_wrapper
+    config = Config.fromfile(osp.join(CONFIGS, BASE))
+    model = build(tiny_cfg())
+    with DefaultScope.overwrite_default_scope('ddetr_plugin'):
+        wrapper = build_optim_wrapper(model, config.optim_wrapper)
+    learning_rates = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in wrapper.optimizer.param_groups:
+        for parameter in group['params']:
+            learning_rates[names[id(parameter)]] = group['lr']
+    slow = [
+        'backbone.layer2.0.conv1.weight',
+        'transformer.encoder.layers.0.self_attn.sampling_offsets.weight',
+        'transformer.decoder.layers.0.cross_attn.sampling_offsets.bias',
+        'transformer.reference_points_fc.weight'
+    ]
+    for name in slow:
+        assert learning_rates[name] == pytest.approx(2e-5), name
+    for name in ('transformer.encoder.layers.0.self_attn.value_proj.weight',
+                 'transformer.level_embed', 'neck.projections.0.conv.weight',
+                 'bbox_head.cls_branches.0.weight'):
+        assert learning_rates[name] == pytest.approx(2e-4), name
+    assert config.optim_wrapper.clip_grad.max_norm == 0.1
+    assert config.param_scheduler[0].milestones == [40]
+    assert config.train_cfg.max_epochs == 50

@@ -169,6 +169,12 @@ class DeformableDETR(BaseDetector):
         """
         if not batch_data_samples:
             return None
+        if 'batch_input_shape' not in batch_data_samples[0]:
+            raise ValueError(
+                'DeformableDETR needs batch_input_shape in the data samples '
+                'to mask the padding; got samples without it. Pass the batch '
+                'through model.data_preprocessor (DetDataPreprocessor) '
+                'first, or call the model with mode=... as the runner does.')
         padded_height, padded_width = batch_data_samples[0].batch_input_shape
         image_shapes = [sample.img_shape[:2] for sample in batch_data_samples]
         if all(shape == (padded_height, padded_width)
