@@ -168,27 +168,31 @@ def load_baseline(device: str) -> Tuple[str, Callable]:
 
 
 def make_pass(function: Callable, inputs: List[Tensor],
-              backward: bool) -> Callable[[], None]:
-    """A closure running one forward (and backward) pass."""
+              backward: bool) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """(run, reset): run one forward (and backward) pass; reset drops the
+    gradients of the previous pass, outside the timed or profiled region
+    so that freeing them is not counted."""
     if not backward:
 
         def run():
             with torch.no_grad():
                 function(*inputs)
 
-        return run
+        return run, lambda: None
     leaves = [
         tensor.detach().clone().requires_grad_(tensor.is_floating_point())
         for tensor in inputs
     ]
 
     def run():
-        for leaf in leaves:
-            leaf.grad = None
         output = function(*leaves)
         output.backward(torch.ones_like(output))
 
-    return run
+    def reset():
+        for leaf in leaves:
+            leaf.grad = None
+
+    return run, reset
 
 
 def synchronize(device: str) -> None:
@@ -196,12 +200,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(run: Callable[[], None], device: str, warmup: int,
-                   repeat: int) -> float:
+def median_seconds(run: Callable[[], None], reset: Callable[[], None],
+                   device: str, warmup: int, repeat: int) -> float:
     for _ in range(warmup):
+        reset()
         run()
     times = []
     for _ in range(repeat):
+        reset()
         synchronize(device)
         start = time.perf_counter()
         run()
@@ -210,8 +216,10 @@ def median_seconds(run: Callable[[], None], device: str, warmup: int,
     return statistics.median(times)
 
 
-def peak_bytes(run: Callable[[], None], device: str) -> int:
+def peak_bytes(run: Callable[[], None], reset: Callable[[], None],
+               device: str) -> int:
     """Most bytes held at once by tensors allocated during ``run``."""
+    reset()
     if device == 'cuda':
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -290,14 +298,14 @@ def main() -> None:
         baseline_inputs = make_inputs(batch_size, num_queries, torch.float32,
                                       args.device)
         for backward in (False, True):
-            plugin_run = make_pass(ms_deform_attn, plugin_inputs, backward)
-            baseline_run = make_pass(baseline, baseline_inputs, backward)
-            plugin_time = median_seconds(plugin_run, args.device, args.warmup,
-                                         args.repeat)
-            baseline_time = median_seconds(baseline_run, args.device,
+            plugin_pass = make_pass(ms_deform_attn, plugin_inputs, backward)
+            baseline_pass = make_pass(baseline, baseline_inputs, backward)
+            plugin_time = median_seconds(*plugin_pass, args.device,
+                                         args.warmup, args.repeat)
+            baseline_time = median_seconds(*baseline_pass, args.device,
                                            args.warmup, args.repeat)
-            plugin_peak = peak_bytes(plugin_run, args.device)
-            baseline_peak = peak_bytes(baseline_run, args.device)
+            plugin_peak = peak_bytes(*plugin_pass, args.device)
+            baseline_peak = peak_bytes(*baseline_pass, args.device)
             row = dict(
                 shape=shape,
                 pass_='forward+backward' if backward else 'forward',

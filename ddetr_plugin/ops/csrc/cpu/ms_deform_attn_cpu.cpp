@@ -18,13 +18,13 @@
 // With the value laid out (bs, nk, nh, hd), the hd channels of one head at
 // one pixel are contiguous, so every bilinear corner is a contiguous run
 // that the compiler vectorises. Indices are 64-bit throughout.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/torch.h>
 
 #include <cmath>
-#include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace ddetr_plugin {
