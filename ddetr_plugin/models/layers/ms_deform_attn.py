@@ -171,17 +171,13 @@ class MultiScaleDeformableAttention(BaseModule):
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.num_heads, -1)
 
-        sampling_offsets = self.sampling_offsets(query).view(
-            batch_size, num_queries, self.num_heads, self.num_levels,
-            self.num_points, 2)
         # One softmax over all levels and points of a head.
         attention_weights = self.attention_weights(query).view(
             batch_size, num_queries, self.num_heads,
             self.num_levels * self.num_points).softmax(-1).view(
                 batch_size, num_queries, self.num_heads, self.num_levels,
                 self.num_points)
-        sampling_locations = self._sampling_locations(reference_points,
-                                                      sampling_offsets,
+        sampling_locations = self._sampling_locations(query, reference_points,
                                                       spatial_shapes)
 
         output = ms_deform_attn(value, spatial_shapes, level_start_index,
@@ -191,30 +187,48 @@ class MultiScaleDeformableAttention(BaseModule):
             output = output.transpose(0, 1)
         return self.dropout(output) + identity
 
-    def _sampling_locations(self, reference_points: Tensor,
-                            sampling_offsets: Tensor,
+    def _sampling_locations(self, query: Tensor, reference_points: Tensor,
                             spatial_shapes: Tensor) -> Tensor:
-        """Place the sampling points around the references.
+        """Predict the offsets and place the sampling points.
 
         Args:
+            query (Tensor): (bs, num_queries, embed_dims), with positions.
             reference_points (Tensor): (bs, num_queries, num_levels, 2 or 4).
-            sampling_offsets (Tensor): (bs, num_queries, num_heads,
-                num_levels, num_points, 2), raw (x, y) offsets.
             spatial_shapes (Tensor): (num_levels, 2), (h, w) per level.
 
         Returns:
             Tensor: (bs, num_queries, num_heads, num_levels, num_points, 2),
             normalised (x, y).
         """
-        # (bs, num_queries, 1, num_levels, 1, 2 or 4)
-        references = reference_points[:, :, None, :, None, :]
-        if reference_points.shape[-1] == 2:
-            # Points: offsets are in pixels of each level.
-            level_sizes = spatial_shapes.flip(-1).to(sampling_offsets.dtype)
-            return references + sampling_offsets / level_sizes[:, None, :]
-        # Boxes: offsets are in units of half the box, spread over the points.
-        return references[..., :2] + sampling_offsets / self.num_points * \
-            references[..., 2:] * 0.5
+        batch_size, num_queries, _ = query.shape
+        shape = (batch_size, num_queries, self.num_heads, self.num_levels,
+                 self.num_points, 2)
+        if reference_points.shape[-1] == 4:
+            # Boxes: offsets are in units of half the box, spread over the
+            # points.
+            references = reference_points[:, :, None, :, None, :]
+            offsets = self.sampling_offsets(query).view(shape)
+            return references[..., :2] + offsets / self.num_points * \
+                references[..., 2:] * 0.5
+        # Points: offsets are in pixels of each level. Dividing the linear
+        # layer's rows by the level sizes gives normalised offsets in one
+        # matrix product, instead of a broadcast division over every
+        # sampling point (as costly as the sampling itself on CPU).
+        level_sizes = spatial_shapes.flip(-1).to(query.dtype)
+        row_scale = level_sizes.reciprocal()[None, :, None, :].expand(
+            self.num_heads, -1, self.num_points, -1).reshape(-1)
+        offsets = nn.functional.linear(
+            query, self.sampling_offsets.weight * row_scale[:, None],
+            self.sampling_offsets.bias * row_scale)
+        # The same (x, y) for all heads and points of a level: broadcast
+        # over heads only, with contiguous rows of num_levels * num_points
+        # * 2 values.
+        references = reference_points[:, :, :, None, :].expand(
+            -1, -1, -1, self.num_points, -1).reshape(batch_size, num_queries,
+                                                     1, -1)
+        locations = offsets.view(batch_size, num_queries, self.num_heads,
+                                 -1) + references
+        return locations.view(shape)
 
     def _check_inputs(self, query: Tensor, value: Tensor,
                       reference_points: Optional[Tensor],
