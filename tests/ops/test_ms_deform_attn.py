@@ -5,6 +5,11 @@ extension (without it the front serves the reference and they check the
 dtype handling around it); checks of the compiled op itself skip when the
 extension did not load.
 """
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -301,3 +306,48 @@ def test_meta_tensors_give_the_output_shape(random_inputs):
     output = ms_deform_attn(*inputs)
     assert output.device.type == 'meta'
     assert output.shape == (2, 3, 10) and output.dtype == torch.float64
+
+
+def test_missing_extension_falls_back_without_raising(tmp_path):
+    # A fresh interpreter in which ddetr_plugin._C cannot be imported, as in
+    # a checkout that was never built: importing must not raise, the state
+    # must say why, and the op must still answer (through the reference).
+    script = tmp_path / 'no_extension.py'
+    script.write_text('\n'.join([
+        'import sys, warnings',
+        "sys.modules['ddetr_plugin._C'] = None",
+        'import torch',
+        'from ddetr_plugin.ops import (extension_error, extension_loaded,',
+        '                              ms_deform_attn,',
+        '                              ms_deform_attn_reference)',
+        'assert not extension_loaded()',
+        "assert 'ddetr_plugin._C' in extension_error(), extension_error()",
+        'value = torch.randn(1, 5, 2, 3, dtype=torch.float64)',
+        'shapes = torch.tensor([[1, 1], [2, 2]])',
+        'starts = torch.tensor([0, 1])',
+        'locations = torch.rand(1, 4, 2, 2, 3, 2, dtype=torch.float64)',
+        'weights = torch.rand(1, 4, 2, 2, 3, dtype=torch.float64)',
+        'args = (value, shapes, starts, locations, weights)',
+        'with warnings.catch_warnings(record=True) as caught:',
+        "    warnings.simplefilter('always')",
+        '    first = ms_deform_attn(*args)',
+        '    second = ms_deform_attn(*args)',
+        'messages = [str(w.message) for w in caught',
+        "            if 'plain-PyTorch reference' in str(w.message)]",
+        'assert len(messages) == 1, messages',
+        "assert 'did not load' in messages[0], messages",
+        'assert torch.equal(first, ms_deform_attn_reference(*args))',
+        'assert torch.equal(first, second)',
+        "print('fallback ok')",
+    ]))
+    repository = pathlib.Path(__file__).resolve().parents[2]
+    environment = dict(os.environ)
+    environment['PYTHONPATH'] = os.pathsep.join(
+        [str(repository), environment.get('PYTHONPATH', '')])
+    result = subprocess.run([sys.executable, str(script)],
+                            capture_output=True,
+                            text=True,
+                            env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'fallback ok' in result.stdout
