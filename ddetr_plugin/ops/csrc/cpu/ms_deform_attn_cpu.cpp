@@ -106,11 +106,12 @@ DDETR_INLINE bool locate_sample(scalar_t x, scalar_t y, int64_t height,
 // output[c] += sum over corners of weight * corner[c].
 template <typename scalar_t>
 DDETR_INLINE void accumulate_corners(scalar_t *__restrict__ output,
-                               const scalar_t *__restrict__ corner0,
-                               const scalar_t *__restrict__ corner1,
-                               const scalar_t *__restrict__ corner2,
-                               const scalar_t *__restrict__ corner3,
-                               const scalar_t *weights, int64_t head_dims) {
+                                     const scalar_t *__restrict__ corner0,
+                                     const scalar_t *__restrict__ corner1,
+                                     const scalar_t *__restrict__ corner2,
+                                     const scalar_t *__restrict__ corner3,
+                                     const scalar_t *weights,
+                                     int64_t head_dims) {
   const scalar_t w0 = weights[0], w1 = weights[1];
   const scalar_t w2 = weights[2], w3 = weights[3];
   for (int64_t c = 0; c < head_dims; ++c) {
@@ -199,13 +200,13 @@ forward_range(int64_t begin, int64_t end, const scalar_t *value,
 // Gradients of one located sample: scatters into the grad_value rows of its
 // corners and returns the sample's location and weight gradients.
 template <typename scalar_t>
-DDETR_INLINE void backward_sample(const BilinearSample<scalar_t> &sample,
-                            scalar_t weight, scalar_t height, scalar_t width,
-                            const scalar_t *__restrict__ grad_row,
-                            const scalar_t *batch_value,
-                            scalar_t *batch_grad_value, const scalar_t *zeros,
-                            scalar_t *scratch, int64_t head_dims,
-                            scalar_t *grad_location, scalar_t *grad_weight) {
+DDETR_INLINE void
+backward_sample(const BilinearSample<scalar_t> &sample, scalar_t weight,
+                scalar_t height, scalar_t width,
+                const scalar_t *__restrict__ grad_row,
+                const scalar_t *batch_value, scalar_t *batch_grad_value,
+                const scalar_t *zeros, scalar_t *scratch, int64_t head_dims,
+                scalar_t *grad_location, scalar_t *grad_weight) {
   const scalar_t *corners[4];
   scalar_t *grad_corners[4];
   for (int corner = 0; corner < 4; ++corner) {
