@@ -168,7 +168,7 @@ optim_wrapper = dict(
             'reference_points': dict(lr_mult=0.1)
         }))
 
-max_epochs = 8
+max_epochs = 6
 train_cfg = dict(
     type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=2)
 val_cfg = dict(type='ValLoop')
@@ -180,7 +180,7 @@ param_scheduler = [
         begin=0,
         end=max_epochs,
         by_epoch=True,
-        milestones=[7],
+        milestones=[5],
         gamma=0.1)
 ]
 auto_scale_lr = dict(base_batch_size=8)

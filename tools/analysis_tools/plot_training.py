@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # headless: only files are written
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 LOSS_KEYS = ('loss', 'loss_cls', 'loss_bbox', 'loss_iou')
 MAP_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75')
@@ -77,6 +78,7 @@ def plot(records: Sequence[Dict], out_file: str, title: str) -> None:
     else:
         map_axes.text(0.5, 0.5, 'no validation yet', ha='center', va='center')
     map_axes.set_xlabel('epoch')
+    map_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     map_axes.set_ylabel('COCO bbox mAP')
     map_axes.set_ylim(0, 1)
     map_axes.set_title('validation')

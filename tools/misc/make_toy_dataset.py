@@ -5,9 +5,10 @@ Each image is a plain dark canvas with a few filled shapes. A class is a
 small randomly initialised CNN can tell all of them apart within minutes on
 a CPU, while boxes still have to be regressed precisely for a good COCO mAP.
 
-Object sizes range from a tenth of the image to most of it, boxes never
-overlap (an occluded shape would make its box ambiguous), about one image in
-twenty is empty and about one in eight is crowded.
+Object sides range from a twelfth of the image to nearly all of it (COCO's
+small, medium and large objects all occur), boxes never overlap (an occluded
+shape would make its box ambiguous), about one image in twenty is empty, one
+in twelve holds a single large object and one in eight is crowded.
 
 Layout written under ``OUT_DIR``::
 
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Bump when the drawing changes, so that old data is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STAMP_NAME = 'toy_dataset.json'
 
 # (name, RGB colour, shape); colours are far apart in RGB and shapes differ,
@@ -115,23 +116,32 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _num_objects(rng: np.random.Generator) -> int:
-    """How many objects an image holds: some empty, some crowded."""
+def _layout(rng: np.random.Generator) -> Tuple[int, str]:
+    """How many objects an image holds, and of which sizes."""
     kind = rng.random()
     if kind < 0.05:
-        return 0
-    if kind < 0.18:
-        return int(rng.integers(9, 15))
-    return int(rng.integers(1, 7))
+        return 0, 'empty'
+    if kind < 0.13:
+        return 1, 'large'
+    if kind < 0.26:
+        return int(rng.integers(9, 15)), 'crowded'
+    return int(rng.integers(1, 7)), 'normal'
 
 
 def _object_size(rng: np.random.Generator, image_size: int,
-                 crowded: bool) -> Tuple[int, int]:
+                 layout: str) -> Tuple[int, int]:
     """Box width and height: log-uniform side, mild aspect-ratio jitter."""
     smallest = max(6, image_size // 12)
-    largest = image_size // 3 if crowded else int(image_size * 0.8)
-    side = np.exp(rng.uniform(np.log(smallest), np.log(largest)))
-    aspect = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
+    if layout == 'large':
+        # Sides of 75-95% of the image: COCO's 'large' (over 96 x 96 pixels
+        # at the default size).
+        low, high = 0.75 * image_size, 0.95 * image_size
+    elif layout == 'crowded':
+        low, high = smallest, image_size // 3
+    else:
+        low, high = smallest, 0.8 * image_size
+    side = np.exp(rng.uniform(np.log(low), np.log(high)))
+    aspect = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
     width = int(np.clip(round(side * np.sqrt(aspect)), smallest, image_size))
     height = int(np.clip(round(side / np.sqrt(aspect)), smallest, image_size))
     return width, height
@@ -161,18 +171,18 @@ def draw_image(rng: np.random.Generator,
         tuple: ``image`` (uint8 array of shape (image_size, image_size, 3),
         RGB) and a list of objects, each a dict with ``category_id``
         (1-based), ``bbox`` ([x, y, w, h], tight around the drawn pixels)
-        and ``area`` (number of drawn pixels).
+        and ``area`` (w * h: without masks, COCO's small / medium / large
+        ranges then follow the box size).
     """
     grey = int(rng.integers(*BACKGROUND_RANGE))
     image = np.full((image_size, image_size, 3), grey, dtype=np.uint8)
-    wanted = _num_objects(rng)
-    crowded = wanted > 6
+    wanted, layout = _layout(rng)
     objects: List[Dict] = []
     placed: List[Sequence[int]] = []
     attempts = 0
     while len(objects) < wanted and attempts < 50 * max(wanted, 1):
         attempts += 1
-        width, height = _object_size(rng, image_size, crowded)
+        width, height = _object_size(rng, image_size, layout)
         x = int(rng.integers(0, image_size - width + 1))
         y = int(rng.integers(0, image_size - height + 1))
         if _overlaps((x, y, width, height), placed, margin=2):
@@ -191,7 +201,8 @@ def draw_image(rng: np.random.Generator,
                     int(cols.max() - cols.min() + 1),
                     int(rows.max() - rows.min() + 1)
                 ],
-                area=int(mask.sum())))
+                area=int(cols.max() - cols.min() + 1) *
+                int(rows.max() - rows.min() + 1)))
     return image, objects
 
 
