@@ -232,12 +232,20 @@ def test_extension_state():
 
 
 @needs_extension
-def test_backward_independent_of_thread_count(random_inputs):
+@pytest.mark.parametrize('batch_size, num_heads', [(3, 3), (1, 1)])
+def test_backward_independent_of_thread_count(random_inputs, batch_size,
+                                              num_heads):
     # grad_value is scattered from many queries; a race would make the
-    # result depend on the number of threads.
+    # result depend on the number of threads. With a single (image, head)
+    # pair the levels are split between the threads instead.
     inputs = random_inputs(
-        batch_size=3, num_queries=40, num_heads=3, num_points=4, seed=3)
-    grad_output = torch.randn(3, 40, 12, dtype=torch.float64)
+        batch_size=batch_size,
+        num_queries=40,
+        num_heads=num_heads,
+        num_points=4,
+        seed=3)
+    grad_output = torch.randn(
+        batch_size, 40, 4 * num_heads, dtype=torch.float64)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -250,6 +258,9 @@ def test_backward_independent_of_thread_count(random_inputs):
         torch.set_num_threads(threads)
     for have, want in zip(many, single):
         assert torch.equal(have, want)
+    expected = gradients(ms_deform_attn_reference, inputs, grad_output)[1:]
+    for have, want in zip(many, expected):
+        torch.testing.assert_close(have, want, atol=1e-10, rtol=0)
 
 
 @needs_extension

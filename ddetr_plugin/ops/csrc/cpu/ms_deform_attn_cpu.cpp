@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -253,57 +254,68 @@ backward_sample(const BilinearSample<scalar_t> &sample, scalar_t weight,
                       sample.low_x * (dot3 - dot1));
 }
 
-// Backward for one (batch, head, level) triple. The triples own disjoint
-// slices of grad_value (a level's keys of one head of one image), so they
-// run in parallel without atomics or per-thread copies of grad_value; the
-// location and weight gradients of a triple are disjoint as well. (Staging
-// and prefetching samples as the forward does made this loop slower.)
+// Backward for one task: the levels [level_begin, level_end) of one head of
+// one image. Tasks own disjoint slices of grad_value (those levels' keys of
+// that head of that image), so they run in parallel without atomics or
+// per-thread copies of grad_value; their location and weight gradients are
+// disjoint as well. Within a task the queries are walked in order and, for
+// each, its levels and points, so the grad_output row and the locations and
+// weights of a (query, head) are read once, from consecutive memory.
+// (Staging and prefetching samples as the forward does made this loop
+// slower.)
 template <typename scalar_t>
-DDETR_CPU_CLONES void backward_triple(
-    int64_t batch, int64_t head, int64_t level, const scalar_t *grad_output,
-    const scalar_t *value, const int64_t *spatial_shapes,
-    const int64_t *level_start_index, const scalar_t *locations,
-    const scalar_t *attention_weights, const scalar_t *zeros,
-    scalar_t *scratch, scalar_t *grad_value, scalar_t *grad_locations,
-    scalar_t *grad_attention_weights, int64_t num_keys, int64_t num_queries,
-    int64_t num_heads, int64_t head_dims, int64_t num_levels,
-    int64_t num_points) {
+DDETR_CPU_CLONES void backward_task(
+    int64_t batch, int64_t head, int64_t level_begin, int64_t level_end,
+    const scalar_t *grad_output, const scalar_t *value,
+    const int64_t *spatial_shapes, const int64_t *level_start_index,
+    const scalar_t *locations, const scalar_t *attention_weights,
+    const scalar_t *zeros, scalar_t *scratch, scalar_t *grad_value,
+    scalar_t *grad_locations, scalar_t *grad_attention_weights,
+    int64_t num_keys, int64_t num_queries, int64_t num_heads,
+    int64_t head_dims, int64_t num_levels, int64_t num_points) {
   const int64_t batch_offset = batch * num_keys * num_heads * head_dims;
   const scalar_t *batch_value = value + batch_offset;
   scalar_t *batch_grad_value = grad_value + batch_offset;
-  const int64_t height = spatial_shapes[2 * level];
-  const int64_t width = spatial_shapes[2 * level + 1];
-  const int64_t level_start = level_start_index[level];
-  // The triple zeroes its own slice of grad_value: no separate pass over
-  // the whole tensor, and the pages are first touched by the thread that
+  // The task zeroes its own slice of grad_value: no separate pass over the
+  // whole tensor, and the pages are first touched by the thread that
   // accumulates into them.
-  for (int64_t key = level_start; key < level_start + height * width; ++key) {
-    scalar_t *grad_row =
-        batch_grad_value + (key * num_heads + head) * head_dims;
-    for (int64_t c = 0; c < head_dims; ++c) {
-      grad_row[c] = scalar_t(0);
+  for (int64_t level = level_begin; level < level_end; ++level) {
+    const int64_t level_start = level_start_index[level];
+    const int64_t level_size = spatial_shapes[2 * level] *
+                               spatial_shapes[2 * level + 1];
+    for (int64_t key = level_start; key < level_start + level_size; ++key) {
+      scalar_t *grad_row =
+          batch_grad_value + (key * num_heads + head) * head_dims;
+      for (int64_t c = 0; c < head_dims; ++c) {
+        grad_row[c] = scalar_t(0);
+      }
     }
   }
   BilinearSample<scalar_t> sample;
   for (int64_t query = 0; query < num_queries; ++query) {
     const int64_t row = (batch * num_queries + query) * num_heads + head;
     const scalar_t *grad_row = grad_output + row * head_dims;
-    for (int64_t point = 0; point < num_points; ++point) {
-      const int64_t index = (row * num_levels + level) * num_points + point;
-      if (!locate_sample(locations[2 * index], locations[2 * index + 1],
-                         height, width, level_start, num_heads, head,
-                         head_dims, sample)) {
-        grad_locations[2 * index] = scalar_t(0);
-        grad_locations[2 * index + 1] = scalar_t(0);
-        grad_attention_weights[index] = scalar_t(0);
-        continue;
+    for (int64_t level = level_begin; level < level_end; ++level) {
+      const int64_t height = spatial_shapes[2 * level];
+      const int64_t width = spatial_shapes[2 * level + 1];
+      const int64_t level_start = level_start_index[level];
+      for (int64_t point = 0; point < num_points; ++point) {
+        const int64_t index = (row * num_levels + level) * num_points + point;
+        if (!locate_sample(locations[2 * index], locations[2 * index + 1],
+                           height, width, level_start, num_heads, head,
+                           head_dims, sample)) {
+          grad_locations[2 * index] = scalar_t(0);
+          grad_locations[2 * index + 1] = scalar_t(0);
+          grad_attention_weights[index] = scalar_t(0);
+          continue;
+        }
+        backward_sample(sample, attention_weights[index],
+                        static_cast<scalar_t>(height),
+                        static_cast<scalar_t>(width), grad_row, batch_value,
+                        batch_grad_value, zeros, scratch, head_dims,
+                        grad_locations + 2 * index,
+                        grad_attention_weights + index);
       }
-      backward_sample(sample, attention_weights[index],
-                      static_cast<scalar_t>(height),
-                      static_cast<scalar_t>(width), grad_row, batch_value,
-                      batch_grad_value, zeros, scratch, head_dims,
-                      grad_locations + 2 * index,
-                      grad_attention_weights + index);
     }
   }
 }
@@ -478,21 +490,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
         scalar_t *grad_locations_data =
             grad_locations.mutable_data_ptr<scalar_t>();
         scalar_t *grad_weights_data = grad_weights.mutable_data_ptr<scalar_t>();
-        const int64_t num_triples = batch_size * num_heads * num_levels;
-        at::parallel_for(0, num_triples, 1, [&](int64_t begin, int64_t end) {
-          std::vector<scalar_t> scratch(4 * head_dims);
-          for (int64_t triple = begin; triple < end; ++triple) {
-            const int64_t level = triple % num_levels;
-            const int64_t head = (triple / num_levels) % num_heads;
-            const int64_t batch = triple / (num_levels * num_heads);
-            backward_triple<scalar_t>(
-                batch, head, level, grad_data, value_data, shapes, starts,
-                locations, weights, zeros.data(), scratch.data(),
-                grad_value_data, grad_locations_data, grad_weights_data,
-                num_keys, num_queries, num_heads, head_dims, num_levels,
-                num_points);
-          }
-        });
+        // One task per (image, head) when that keeps every thread busy;
+        // otherwise the levels are split too, at the cost of reading each
+        // grad_output row once per level group.
+        const int64_t num_pairs = batch_size * num_heads;
+        const int64_t num_groups = std::min<int64_t>(
+            num_levels,
+            (at::get_num_threads() + num_pairs - 1) / std::max<int64_t>(
+                                                          num_pairs, 1));
+        const int64_t levels_per_group =
+            (num_levels + num_groups - 1) / num_groups;
+        at::parallel_for(
+            0, num_pairs * num_groups, 1, [&](int64_t begin, int64_t end) {
+              std::vector<scalar_t> scratch(4 * head_dims);
+              for (int64_t task = begin; task < end; ++task) {
+                const int64_t group = task % num_groups;
+                const int64_t head = (task / num_groups) % num_heads;
+                const int64_t batch = task / (num_groups * num_heads);
+                const int64_t level_begin = group * levels_per_group;
+                const int64_t level_end =
+                    std::min(level_begin + levels_per_group, num_levels);
+                backward_task<scalar_t>(
+                    batch, head, level_begin, level_end, grad_data,
+                    value_data, shapes, starts, locations, weights,
+                    zeros.data(), scratch.data(), grad_value_data,
+                    grad_locations_data, grad_weights_data, num_keys,
+                    num_queries, num_heads, head_dims, num_levels,
+                    num_points);
+              }
+            });
       });
   return {grad_value, grad_locations, grad_weights};
 }
