@@ -7,8 +7,9 @@ so both compute the same function. The script times
 * inference: ``predict`` on one image (800x1216 by default), and
 * a training step: ``loss`` + ``backward`` on a batch (2x512x512 default),
 
-each as the median of a few runs after warm-up, and prints the plugin's
-time as a ratio of mmdet's. Example::
+alternating the two models run by run (so a change of machine load hits
+both), and prints the median and the minimum of each and the plugin's time
+as a ratio of mmdet's. Example::
 
     python tools/analysis_tools/benchmark_model.py --threads 2
 
@@ -18,7 +19,7 @@ import argparse
 import os.path as osp
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import mmdet
 import torch
@@ -114,39 +115,51 @@ def make_data(model, sizes: List[tuple], training: bool) -> dict:
         dict(inputs=inputs, data_samples=samples), training)
 
 
-def median_time(function: Callable[[], None], warmup: int, runs: int) -> float:
-    """Median wall time of ``function`` in seconds."""
-    for _ in range(warmup):
-        function()
-    times = []
+def interleaved_times(functions: Sequence[Callable[[], None]], warmup: int,
+                      runs: int) -> List[List[float]]:
+    """Wall times of each function, runs alternating between them.
+
+    Alternating spreads any change of machine load over both models
+    instead of charging it to whichever ran second.
+
+    Returns:
+        list[list[float]]: ``runs`` times in seconds per function.
+    """
+    for function in functions:
+        for _ in range(warmup):
+            function()
+    times = [[] for _ in functions]
     for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, function_times in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            function_times.append(time.perf_counter() - start)
+    return times
 
 
-def time_inference(model, data: dict, warmup: int, runs: int) -> float:
-    model.eval()
+def inference(model, data: dict) -> Callable[[], None]:
+    """``predict`` without gradients."""
 
     def run():
+        model.eval()
         with torch.no_grad():
             model.predict(data['inputs'], data['data_samples'])
 
-    return median_time(run, warmup, runs)
+    return run
 
 
-def time_training_step(model, data: dict, warmup: int, runs: int) -> float:
-    model.train()
+def training_step(model, data: dict) -> Callable[[], None]:
+    """``loss`` and ``backward``."""
 
     def run():
+        model.train()
         model.zero_grad(set_to_none=True)
         losses = model.loss(data['inputs'], data['data_samples'])
         sum(losses.values()).backward()
 
-    return median_time(run, warmup, runs)
+    return run
 
 
 def main() -> None:
@@ -162,24 +175,32 @@ def main() -> None:
     rows = []
     if not args.skip_infer:
         data = make_data(reference, [tuple(args.infer_size)], False)
-        times = [
-            time_inference(model, data, args.warmup, args.runs)
-            for model in (reference, plugin)
-        ]
         rows.append((f'inference 1x{args.infer_size[0]}x'
-                     f'{args.infer_size[1]}', *times))
+                     f'{args.infer_size[1]}',
+                     interleaved_times(
+                         [inference(reference, data),
+                          inference(plugin, data)], args.warmup, args.runs)))
     if not args.skip_train:
         batch_size, height, width = args.train_size
         data = make_data(reference, [(height, width)] * batch_size, True)
-        times = [
-            time_training_step(model, data, args.warmup, args.runs)
-            for model in (reference, plugin)
+        rows.append(
+            (f'training step {batch_size}x{height}x{width}',
+             interleaved_times(
+                 [training_step(reference, data),
+                  training_step(plugin, data)], args.warmup, args.runs)))
+    print(f'{"":28s} {"mmdet (s)":>17s} {"plugin (s)":>17s} '
+          f'{"ratio":>13s}')
+    print(f'{"":28s} {"median   min":>17s} {"median   min":>17s} '
+          f'{"median   min":>13s}')
+    for name, (reference_times, plugin_times) in rows:
+        medians = [
+            statistics.median(reference_times),
+            statistics.median(plugin_times)
         ]
-        rows.append((f'training step {batch_size}x{height}x{width}', *times))
-    print(f'{"":32s} {"mmdet (s)":>10s} {"plugin (s)":>11s} {"ratio":>7s}')
-    for name, reference_time, plugin_time in rows:
-        print(f'{name:32s} {reference_time:10.3f} {plugin_time:11.3f} '
-              f'{plugin_time / reference_time:7.3f}')
+        minima = [min(reference_times), min(plugin_times)]
+        print(f'{name:28s} {medians[0]:8.3f} {minima[0]:8.3f} '
+              f'{medians[1]:8.3f} {minima[1]:8.3f} '
+              f'{medians[1] / medians[0]:6.3f} {minima[1] / minima[0]:6.3f}')
 
 
 if __name__ == '__main__':
