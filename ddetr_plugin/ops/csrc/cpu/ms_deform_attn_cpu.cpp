@@ -47,8 +47,10 @@ namespace {
 // for its instruction set.
 #if defined(__GNUC__)
 #define DDETR_INLINE inline __attribute__((always_inline))
+#define DDETR_PREFETCH(address) __builtin_prefetch(address)
 #else
 #define DDETR_INLINE inline
+#define DDETR_PREFETCH(address) ((void)(address))
 #endif
 
 // One bilinear sample: the four corners as rows of hd channels and their
@@ -130,7 +132,7 @@ DDETR_INLINE void prefetch_row(const scalar_t *row, int64_t head_dims) {
   const char *start = reinterpret_cast<const char *>(row);
   for (int64_t offset = 0; offset < bytes && offset < 4 * line;
        offset += line) {
-    __builtin_prefetch(start + offset);
+    DDETR_PREFETCH(start + offset);
   }
 }
 
