@@ -28,6 +28,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/ms_deform_attn_cpu_checks.h"
+
 namespace ddetr_plugin {
 namespace {
 
@@ -322,93 +324,13 @@ DDETR_CPU_CLONES void backward_task(
   }
 }
 
-void check_inputs(const at::Tensor &value, const at::Tensor &spatial_shapes,
-                  const at::Tensor &level_start_index,
-                  const at::Tensor &sampling_locations,
-                  const at::Tensor &attention_weights) {
-  TORCH_CHECK(value.dim() == 4,
-              "ms_deform_attn: value must be (bs, num_keys, num_heads, "
-              "head_dims), got ",
-              value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 &&
-                  sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (bs, num_queries, "
-              "num_heads, num_levels, num_points, 2), got ",
-              sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.sizes() ==
-                  sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be ",
-              sampling_locations.sizes().slice(0, 5), ", got ",
-              attention_weights.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2 &&
-                  spatial_shapes.size(0) == sampling_locations.size(3) &&
-                  level_start_index.dim() == 1 &&
-                  level_start_index.size(0) == spatial_shapes.size(0),
-              "ms_deform_attn: spatial_shapes must be (num_levels, 2) and "
-              "level_start_index (num_levels,), got ",
-              spatial_shapes.sizes(), " and ", level_start_index.sizes());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong &&
-                  level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn: spatial_shapes and level_start_index must be "
-              "int64, got ",
-              spatial_shapes.scalar_type(), " and ",
-              level_start_index.scalar_type());
-  TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
-                  value.scalar_type() == attention_weights.scalar_type(),
-              "ms_deform_attn (CPU): value, sampling_locations and "
-              "attention_weights must share one dtype, got ",
-              value.scalar_type(), ", ", sampling_locations.scalar_type(),
-              ", ", attention_weights.scalar_type());
-  TORCH_CHECK(value.size(0) == sampling_locations.size(0) &&
-                  value.size(2) == sampling_locations.size(2),
-              "ms_deform_attn: value ", value.sizes(),
-              " and sampling_locations ", sampling_locations.sizes(),
-              " disagree on batch size or number of heads");
-  for (const at::Tensor *tensor :
-       {&value, &spatial_shapes, &level_start_index, &sampling_locations,
-        &attention_weights}) {
-    TORCH_CHECK(tensor->is_contiguous(),
-                "ms_deform_attn: CPU kernel inputs must be contiguous");
-    TORCH_CHECK(tensor->device().is_cpu(),
-                "ms_deform_attn: CPU kernel got a tensor on ",
-                tensor->device());
-  }
-  // The kernels index the value with these sizes: a level reaching past
-  // the keys would read (and its gradient write) out of bounds.
-  const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
-  const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
-  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
-    const int64_t height = shapes[2 * level], width = shapes[2 * level + 1];
-    TORCH_CHECK(height >= 0 && width >= 0 && starts[level] >= 0 &&
-                    starts[level] + height * width <= value.size(1),
-                "ms_deform_attn: level ", level, " of size (", height, ", ",
-                width, ") starting at key ", starts[level],
-                " does not fit in the ", value.size(1), " keys of value");
-  }
-}
-
-// Whether the levels cover every key of the value exactly once, in order.
-bool levels_tile_keys(const at::Tensor &spatial_shapes,
-                      const at::Tensor &level_start_index, int64_t num_keys) {
-  const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
-  const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
-  int64_t next_key = 0;
-  for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
-    if (starts[level] != next_key) {
-      return false;
-    }
-    next_key += shapes[2 * level] * shapes[2 * level + 1];
-  }
-  return next_key == num_keys;
-}
-
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor &value,
                                       const at::Tensor &spatial_shapes,
                                       const at::Tensor &level_start_index,
                                       const at::Tensor &sampling_locations,
                                       const at::Tensor &attention_weights) {
-  check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-               attention_weights);
+  check_cpu_inputs(value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights);
   const int64_t batch_size = value.size(0), num_keys = value.size(1);
   const int64_t num_heads = value.size(2), head_dims = value.size(3);
   const int64_t num_queries = sampling_locations.size(1);
@@ -447,8 +369,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor &spatial_shapes, const at::Tensor &level_start_index,
     const at::Tensor &sampling_locations,
     const at::Tensor &attention_weights) {
-  check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
-               attention_weights);
+  check_cpu_inputs(value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights);
   const int64_t batch_size = value.size(0), num_keys = value.size(1);
   const int64_t num_heads = value.size(2), head_dims = value.size(3);
   const int64_t num_queries = sampling_locations.size(1);
