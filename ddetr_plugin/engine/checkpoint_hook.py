@@ -20,10 +20,9 @@ Temporary files left by a killed run are deleted when training starts.
 Checkpoints sent to remote storage (``backend_args``, URIs) go through
 MMEngine's own code, as a remote put is the storage's business.
 
-The hook is registered in the plugin scope both as ``AtomicCheckpointHook``
-and as ``CheckpointHook``, so that every config of the scope (whose
-``default_hooks`` name ``CheckpointHook``) saves atomically;
-``mmengine.CheckpointHook`` still names the original.
+Configs ask for it by name (``type='AtomicCheckpointHook'``, as the
+plugin's ``_base_/default_runtime.py`` does); ``CheckpointHook`` keeps naming
+MMEngine's hook in every scope, so nothing changes behind a user's back.
 """
 import os.path as osp
 from typing import Optional
@@ -37,7 +36,7 @@ from .atomic_io import (atomic_write_text, commit, remove_leftovers,
                         temporary_path)
 
 
-@HOOKS.register_module(name=['AtomicCheckpointHook', 'CheckpointHook'])
+@HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
     """``CheckpointHook`` with atomic checkpoint and ``last_checkpoint``
     writes. Takes the same arguments as MMEngine's ``CheckpointHook``."""

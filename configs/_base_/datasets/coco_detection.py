@@ -1,6 +1,7 @@
-# COCO 2017 detection with MMDetection's CocoDataset and CocoMetric, read
-# from data/coco/ (annotations/, train2017/, val2017/).
-dataset_type = 'CocoDataset'
+# COCO 2017 detection read from data/coco/ (annotations/, train2017/,
+# val2017/) with the plugin's CheckedCocoDataset (MMDetection's CocoDataset
+# plus checks of the annotation file and images) and mmdet's CocoMetric.
+dataset_type = 'CheckedCocoDataset'
 data_root = 'data/coco/'
 backend_args = None
 
