@@ -177,3 +177,45 @@ def load_converted(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """
     check_state_dict(model, state_dict)
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_into_config_model(state_dict: Mapping[str, Tensor],
+                           config_path: str) -> nn.Module:
+    """Build the model of a plugin config and load converted weights into
+    it strictly, so a mismatch shows at conversion rather than training.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): Weights in the plugin's layout.
+        config_path (str): A plugin config file.
+
+    Returns:
+        nn.Module: The model, holding the weights.
+
+    Raises:
+        CheckpointMismatchError: Naming every missing, unexpected or
+            misshapen key.
+    """
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from ddetr_plugin.registry import MODELS
+    config = Config.fromfile(config_path)
+    init_default_scope(config.get('default_scope', 'ddetr_plugin'))
+    model_cfg = config.model
+    # The weights are about to be replaced: no pretrained download.
+    model_cfg.backbone.init_cfg = None
+    model = MODELS.build(model_cfg)
+    load_converted(model, state_dict)
+    return model
+
+
+def save_converted(state_dict: Mapping[str, Tensor], path: str,
+                   **meta) -> None:
+    """Write converted weights as an MMEngine-style checkpoint.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): Weights in the plugin's layout.
+        path (str): Output file.
+        **meta: Plain values recorded under ``meta`` (source, variant...).
+    """
+    torch.save(dict(state_dict=dict(state_dict), meta=meta), path)

@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
+from ddetr_plugin.converters import (convert_mmdet_state_dict,
+                                     load_into_config_model, save_converted)
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -69,33 +70,18 @@ def read_state_dict(path: str, trust: bool) -> dict:
     return state_dict
 
 
-def check_against_config(state_dict: dict, config_path: str) -> None:
-    """Build the config's model and load the weights strictly into it."""
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from ddetr_plugin.registry import MODELS
-    config = Config.fromfile(config_path)
-    init_default_scope(config.get('default_scope', 'ddetr_plugin'))
-    model_cfg = config.model
-    # The weights are about to be replaced: no pretrained download.
-    model_cfg.backbone.init_cfg = None
-    load_converted(MODELS.build(model_cfg), state_dict)
-
-
 def main(argv: Optional[list] = None) -> None:
     """Convert ``input`` to ``output``."""
     args = parse_args(argv)
     converted = convert_mmdet_state_dict(
         read_state_dict(args.input, args.trust_input))
     if args.config:
-        check_against_config(converted, args.config)
-    torch.save(
-        dict(
-            state_dict=converted,
-            meta=dict(
-                converted_from=osp.basename(args.input),
-                source_layout='mmdet 3.x DeformableDETR')), args.output)
+        load_into_config_model(converted, args.config)
+    save_converted(
+        converted,
+        args.output,
+        converted_from=osp.basename(args.input),
+        source_layout='mmdet 3.x DeformableDETR')
     print(f'Wrote {len(converted)} tensors to {args.output}')
 
 

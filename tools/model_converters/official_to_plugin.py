@@ -22,9 +22,8 @@ import os.path as osp
 import sys
 from typing import Optional
 
-import torch
-
-from ddetr_plugin.converters import official
+from ddetr_plugin.converters import (load_into_config_model, official,
+                                     save_converted)
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -66,10 +65,6 @@ def check_against_config(state_dict: dict, variant: str,
     into a plain model and silently compute something else.
     """
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from ddetr_plugin.converters import load_converted
-    from ddetr_plugin.registry import MODELS
     config = Config.fromfile(config_path)
     config_variant = official.variant_of_model_config(config.model)
     if config_variant != variant:
@@ -77,11 +72,7 @@ def check_against_config(state_dict: dict, variant: str,
             f'{config_path} builds a {config_variant!r} Deformable DETR but '
             f'the checkpoint is a {variant!r} one; use the config of that '
             'variant (with_box_refine / as_two_stage)')
-    init_default_scope(config.get('default_scope', 'ddetr_plugin'))
-    model_cfg = config.model
-    # The weights are about to be replaced: no pretrained download.
-    model_cfg.backbone.init_cfg = None
-    load_converted(MODELS.build(model_cfg), state_dict)
+    load_into_config_model(state_dict, config_path)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -97,13 +88,12 @@ def main(argv: Optional[list] = None) -> None:
     converted = official.convert_official_state_dict(state_dict, category_ids)
     if args.config:
         check_against_config(converted, variant, args.config)
-    torch.save(
-        dict(
-            state_dict=converted,
-            meta=dict(
-                converted_from=osp.basename(args.input),
-                source_layout='official Deformable-DETR',
-                variant=variant)), args.output)
+    save_converted(
+        converted,
+        args.output,
+        converted_from=osp.basename(args.input),
+        source_layout='official Deformable-DETR',
+        variant=variant)
     print(f'Wrote {len(converted)} tensors ({variant} Deformable DETR) to '
           f'{args.output}')
 
