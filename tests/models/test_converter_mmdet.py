@@ -36,8 +36,11 @@ def mmdet_state_dict(variant):
         from mmdet.registry import MODELS as MMDET_MODELS
         from mmdet.utils import register_all_modules
         register_all_modules(init_default_scope=False)
-        return MMDET_MODELS.build(model_cfg(MMDET_CONFIGS,
-                                            variant)).state_dict()
+        model = MMDET_MODELS.build(model_cfg(MMDET_CONFIGS, variant))
+    # mmdet allocates level_embed uninitialised until init_weights: its
+    # bytes may hold NaN, which no equality check accepts.
+    model.init_weights()
+    return model.state_dict()
 
 
 def plugin_model(variant):

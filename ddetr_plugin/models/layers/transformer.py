@@ -107,8 +107,10 @@ class DeformableDetrTransformer(BaseModule):
         self.as_two_stage = as_two_stage
         self._check_config()
 
+        # Drawn now as well as in init_weights, so that a model used without
+        # init_weights never computes on uninitialised memory.
         self.level_embed = nn.Parameter(
-            torch.empty(num_feature_levels, self.embed_dims))
+            torch.randn(num_feature_levels, self.embed_dims))
         if as_two_stage:
             self.memory_trans_fc = nn.Linear(self.embed_dims, self.embed_dims)
             self.memory_trans_norm = nn.LayerNorm(self.embed_dims)
