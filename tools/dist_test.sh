@@ -1,36 +1,14 @@
 #!/usr/bin/env bash
-# Distributed testing with torchrun (torch.distributed.run).
+# Distributed testing with torchrun (see torchrun.sh for the environment:
+# NNODES, NODE_RANK, MASTER_ADDR, PORT, PYTHON).
 #
 #   tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py arguments...]
-#
-# GPUS is the number of processes on this node (one per GPU; on a machine
-# without CUDA, CPU processes that communicate over gloo). Several nodes:
-# run it on each with NNODES, NODE_RANK, MASTER_ADDR and PORT set alike.
-# PYTHON selects the interpreter (default: python).
 set -euo pipefail
 
 if [ "$#" -lt 3 ]; then
     echo "usage: $0 CONFIG CHECKPOINT GPUS [test.py arguments...]" >&2
     exit 2
 fi
-CONFIG=$1
-CHECKPOINT=$2
-GPUS=$3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
-
-PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
-exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --master_port="$PORT" \
-    --nproc_per_node="$GPUS" \
-    "$TOOLS_DIR/test.py" \
-    "$CONFIG" \
-    "$CHECKPOINT" \
-    --launcher pytorch "${@:4}"
+exec bash "$TOOLS_DIR/torchrun.sh" "$3" "$TOOLS_DIR/test.py" "$1" "$2" \
+    "${@:4}"
