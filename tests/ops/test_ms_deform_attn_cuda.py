@@ -5,11 +5,25 @@ the very inputs the kernel saw (rounded to the dtype under test), so the
 tolerances measure the kernels' own arithmetic: float32 accumulation for
 half inputs and, in the backward, half-precision atomics into grad_value.
 
-Every test skips, with the reason, when there is no CUDA device or when
-``ddetr_plugin._C`` has no CUDA kernel (a CPU-only build). Nothing touches
-CUDA at import time: the check runs in a fixture.
+The kernel tests run twice, through the ``kernels`` fixture:
+
+- ``cuda``: the compiled op on a GPU. Skips, with the reason, when there is
+  no CUDA device or when ``ddetr_plugin._C`` has no CUDA kernel (a CPU-only
+  build). Nothing touches CUDA at import time: the check runs in a fixture.
+- ``emulated``: the same kernel source compiled by the host compiler and
+  run on the CPU, warp by warp, with the launcher's configuration
+  (``cuda_emulation/``). It runs everywhere, CI included, and checks the
+  kernels' indexing, channel packing, lane groups and shuffle reductions,
+  grid-stride loops and half-precision rounding; it cannot show races,
+  memory ordering or speed, which need the ``cuda`` runs.
+
+Tests of the op's C++ glue, autograd, dispatch and devices need a GPU
+(``cuda_kernel`` fixture).
 """
 import importlib
+import importlib.util
+import os
+import os.path as osp
 import warnings
 
 import pytest
@@ -18,8 +32,6 @@ import torch
 from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
 from ddetr_plugin.ops.extension import (extension_error, extension_loaded,
                                         kernel_device_types)
-
-pytestmark = pytest.mark.cuda
 
 FORWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_forward'
 BACKWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_backward'
@@ -33,7 +45,7 @@ DTYPES = [
 
 # Largest error allowed, relative to max(1, largest reference magnitude),
 # for the output, grad_value, and the gradients of locations and weights.
-# Measured on a CPU emulation of the kernels: fp16 and bf16 outputs lose one
+# Measured on the CPU emulation of the kernels: fp16 and bf16 outputs lose one
 # rounding (2^-11, 2^-8), grad_value also one rounding per atomic add; the
 # location and weight gradients are float32 sums for every half type.
 TOLERANCES = {
@@ -78,11 +90,79 @@ def cuda_kernel_missing_reason():
     return None
 
 
-@pytest.fixture(autouse=True)
-def require_cuda_kernel():
+EMULATION_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'cuda_emulation')
+
+
+def load_emulator_module():
+    path = osp.join(EMULATION_DIR, 'emulator.py')
+    spec = importlib.util.spec_from_file_location('cuda_emulation', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CudaKernels:
+    """The compiled op's CUDA kernels, called through the dispatcher."""
+    device = 'cuda'
+
+    def run(self, inputs, grad_output):
+        """Output and the three gradients straight from the kernels."""
+        output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+        gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+            grad_output, *inputs)
+        torch.cuda.synchronize()
+        return (output, *gradients)
+
+
+class EmulatedKernels:
+    """The kernel source run on the CPU (see cuda_emulation/)."""
+    device = 'cpu'
+
+    def __init__(self, emulator):
+        self.emulator = emulator
+        # Launch configurations seen, for the tests that check coverage.
+        self.forward_widths = []
+        self.backward_configs = []
+
+    def run(self, inputs, grad_output, max_blocks=0):
+        output, width = self.emulator.forward(*inputs, max_blocks=max_blocks)
+        grad_value, grad_locations, grad_weights, backward_width, group_size \
+            = self.emulator.backward(grad_output, *inputs,
+                                     max_blocks=max_blocks)
+        self.forward_widths.append(width)
+        self.backward_configs.append((backward_width, group_size))
+        return output, grad_value, grad_locations, grad_weights
+
+
+@pytest.fixture(scope='session', name='emulator')
+def emulator_fixture(tmp_path_factory):
+    module = load_emulator_module()
+    try:
+        library = module.build(str(tmp_path_factory.mktemp('cuda_emulation')))
+    except module.CompilerMissing as error:
+        # CI has the compiler the extension build needs: never skip there.
+        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+            raise
+        pytest.skip(str(error))
+    return module.EmulatedKernels(library)
+
+
+@pytest.fixture(name='cuda_kernel')
+def cuda_kernel_fixture():
+    """Skips the test, with the reason, unless the CUDA kernels can run."""
     reason = cuda_kernel_missing_reason()
     if reason is not None:
         pytest.skip(reason)
+    return CudaKernels()
+
+
+@pytest.fixture(
+    name='kernels',
+    params=[pytest.param('cuda', marks=pytest.mark.cuda), 'emulated'])
+def kernels_fixture(request):
+    if request.param == 'cuda':
+        return request.getfixturevalue('cuda_kernel')
+    return EmulatedKernels(request.getfixturevalue('emulator'))
 
 
 def location_dtype(dtype):
@@ -90,8 +170,8 @@ def location_dtype(dtype):
     return torch.float32 if dtype in HALF_TYPES else dtype
 
 
-def to_cuda(inputs, dtype):
-    """The float64 CPU inputs as the kernels take them, on the GPU.
+def to_device(inputs, dtype, device='cuda'):
+    """The float64 CPU inputs as the kernels take them, on ``device``.
 
     Returns:
         list[Tensor]: value in ``dtype``, the int64 level tensors, and the
@@ -100,11 +180,11 @@ def to_cuda(inputs, dtype):
     value, spatial_shapes, level_start_index, locations, weights = inputs
     coordinate_dtype = location_dtype(dtype)
     return [
-        value.to('cuda', dtype),
-        spatial_shapes.cuda(),
-        level_start_index.cuda(),
-        locations.to('cuda', coordinate_dtype),
-        weights.to('cuda', coordinate_dtype),
+        value.to(device, dtype),
+        spatial_shapes.to(device),
+        level_start_index.to(device),
+        locations.to(device, coordinate_dtype),
+        weights.to(device, coordinate_dtype),
     ]
 
 
@@ -158,15 +238,6 @@ def assert_all_match(results, expected, dtype):
         assert_matches(result, want, limit, f'{name} ({dtype})')
 
 
-def compiled_op_results(inputs, grad_output):
-    """Output and gradients straight from the CUDA kernels."""
-    output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
-    gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
-        grad_output, *inputs)
-    torch.cuda.synchronize()
-    return (output, *gradients)
-
-
 def front_results(inputs, grad_output):
     """Output and gradients through ``ms_deform_attn`` and autograd."""
     leaves = [
@@ -185,16 +256,17 @@ def random_grad_output(inputs, dtype, seed=1):
     shape = (value.shape[0], locations.shape[1],
              value.shape[2] * value.shape[3])
     return torch.randn(
-        shape, generator=generator, dtype=torch.float64).to('cuda', dtype)
+        shape, generator=generator,
+        dtype=torch.float64).to(value.device, dtype)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize(('batch_size', 'num_heads', 'head_dims',
                           'level_shapes', 'num_queries', 'num_points'), CASES)
-def test_compiled_op_matches_reference(random_inputs, dtype, batch_size,
-                                       num_heads, head_dims, level_shapes,
-                                       num_queries, num_points):
-    inputs = to_cuda(
+def test_kernels_match_reference(kernels, random_inputs, dtype, batch_size,
+                                 num_heads, head_dims, level_shapes,
+                                 num_queries, num_points):
+    inputs = to_device(
         random_inputs(
             batch_size=batch_size,
             level_shapes=level_shapes,
@@ -204,11 +276,12 @@ def test_compiled_op_matches_reference(random_inputs, dtype, batch_size,
             num_points=num_points,
             low=-0.15,
             high=1.15,
-            seed=head_dims), dtype)
+            seed=head_dims), dtype, kernels.device)
     grad_output = random_grad_output(inputs, dtype)
-    results = compiled_op_results(inputs, grad_output)
+    results = kernels.run(inputs, grad_output)
     output, grad_value, grad_locations, grad_weights = results
-    assert output.dtype == dtype and output.is_cuda
+    assert output.dtype == dtype
+    assert output.device.type == kernels.device
     assert grad_value.dtype == dtype
     assert grad_locations.dtype == location_dtype(dtype)
     assert grad_weights.dtype == location_dtype(dtype)
@@ -216,7 +289,8 @@ def test_compiled_op_matches_reference(random_inputs, dtype, batch_size,
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_front_matches_reference_on_cuda(random_inputs, dtype, monkeypatch):
+def test_front_matches_reference_on_cuda(cuda_kernel, random_inputs, dtype,
+                                         monkeypatch):
     front = importlib.import_module('ddetr_plugin.ops.ms_deform_attn')
 
     def fallback_used(*args, **kwargs):
@@ -226,7 +300,7 @@ def test_front_matches_reference_on_cuda(random_inputs, dtype, monkeypatch):
     monkeypatch.setattr(front, '_reference_in_compute_dtype', fallback_used)
     monkeypatch.setattr(front, 'ms_deform_attn_reference', fallback_used)
     assert 'cuda' in kernel_device_types()
-    inputs = to_cuda(
+    inputs = to_device(
         random_inputs(
             batch_size=2,
             level_shapes=((6, 8), (3, 4), (2, 2)),
@@ -250,8 +324,8 @@ def test_front_matches_reference_on_cuda(random_inputs, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
-def test_borders_and_outside_match_reference(random_inputs, border_locations,
-                                             dtype):
+def test_borders_and_outside_match_reference(kernels, random_inputs,
+                                             border_locations, dtype):
     # Power-of-two sizes make every special location exact in binary, so
     # samples on pixel -1 and on the borders land exactly there for both
     # the kernel and the reference, whose slopes must then agree too.
@@ -264,14 +338,14 @@ def test_borders_and_outside_match_reference(random_inputs, border_locations,
         head_dims=5,
         num_points=10)
     inputs[3] = border_locations(level_shapes, batch_size=2, num_heads=2)
-    inputs = to_cuda(inputs, dtype)
+    inputs = to_device(inputs, dtype, kernels.device)
     grad_output = random_grad_output(inputs, dtype)
-    results = compiled_op_results(inputs, grad_output)
+    results = kernels.run(inputs, grad_output)
     assert_all_match(results, reference_results(inputs, grad_output), dtype)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-def test_non_finite_locations_read_zeros(random_inputs, dtype):
+def test_non_finite_locations_read_zeros(kernels, random_inputs, dtype):
     inputs = random_inputs(
         batch_size=2,
         level_shapes=((3, 5), (2, 2)),
@@ -290,9 +364,9 @@ def test_non_finite_locations_read_zeros(random_inputs, dtype):
     ]
     for index, bad in zip(bad_samples, bad_values):
         locations[index] = bad
-    inputs = to_cuda(inputs, dtype)
+    inputs = to_device(inputs, dtype, kernels.device)
     grad_output = random_grad_output(inputs, dtype)
-    results = compiled_op_results(inputs, grad_output)
+    results = kernels.run(inputs, grad_output)
     for result in results:
         assert torch.isfinite(result).all()
     grad_locations = results[2]
@@ -303,38 +377,43 @@ def test_non_finite_locations_read_zeros(random_inputs, dtype):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_unaligned_value_matches_reference(random_inputs, dtype):
+def test_unaligned_value_matches_reference(kernels, random_inputs, dtype):
     # A contiguous value starting one element into its storage cannot be
     # read in packs; the launcher must notice and read channel by channel.
-    inputs = to_cuda(
+    inputs = to_device(
         random_inputs(
             batch_size=2,
             level_shapes=((4, 4), (2, 2)),
             num_queries=5,
             num_heads=2,
             head_dims=32,
-            num_points=2), dtype)
+            num_points=2), dtype, kernels.device)
     value = inputs[0]
-    storage = torch.empty(value.numel() + 1, dtype=dtype, device='cuda')
+    storage = torch.empty(
+        value.numel() + 1, dtype=dtype, device=kernels.device)
     shifted = storage[1:].view(value.shape)
     shifted.copy_(value)
     assert shifted.is_contiguous() and shifted.storage_offset() == 1
     inputs[0] = shifted
     grad_output = random_grad_output(inputs, dtype)
     shifted_grad = torch.empty(
-        grad_output.numel() + 1, dtype=dtype, device='cuda')[1:]
+        grad_output.numel() + 1, dtype=dtype, device=kernels.device)[1:]
     shifted_grad = shifted_grad.view(grad_output.shape).copy_(grad_output)
-    results = compiled_op_results(inputs, shifted_grad)
+    results = kernels.run(inputs, shifted_grad)
     assert_all_match(results, reference_results(inputs, grad_output), dtype)
+    if isinstance(kernels, EmulatedKernels):
+        # head_dims 32 would otherwise take packs of 4 or 8 and pairs.
+        assert kernels.forward_widths == [1]
+        assert kernels.backward_configs == [(1, 32)]
 
 
 @pytest.mark.parametrize(('batch_size', 'num_queries', 'num_points'),
                          [(2, 0, 2), (0, 3, 2), (2, 3, 0)],
                          ids=['no-queries', 'no-batch', 'no-points'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_empty_inputs(random_inputs, dtype, batch_size, num_queries,
-                      num_points):
-    inputs = to_cuda(
+def test_empty_inputs(cuda_kernel, random_inputs, dtype, batch_size,
+                      num_queries, num_points):
+    inputs = to_device(
         random_inputs(
             batch_size=batch_size,
             num_queries=num_queries,
@@ -342,7 +421,7 @@ def test_empty_inputs(random_inputs, dtype, batch_size, num_queries,
             num_heads=2,
             head_dims=4), dtype)
     grad_output = random_grad_output(inputs, dtype)
-    output, grad_value, grad_locations, grad_weights = compiled_op_results(
+    output, grad_value, grad_locations, grad_weights = cuda_kernel.run(
         inputs, grad_output)
     assert output.shape == (batch_size, num_queries, 8)
     # No sample: the output is a sum over nothing.
@@ -353,7 +432,7 @@ def test_empty_inputs(random_inputs, dtype, batch_size, num_queries,
     assert grad_weights.shape == inputs[4].shape
 
 
-def test_gradcheck_float64(random_inputs, off_kink_locations):
+def test_gradcheck_float64(cuda_kernel, random_inputs, off_kink_locations):
     inputs = random_inputs(
         batch_size=2,
         level_shapes=((3, 4), (2, 2)),
@@ -364,7 +443,7 @@ def test_gradcheck_float64(random_inputs, off_kink_locations):
     inputs[3] = off_kink_locations(inputs[1], inputs[4].shape)
     inputs = [
         tensor.cuda().requires_grad_(tensor.is_floating_point())
-        for tensor in to_cuda(inputs, torch.float64)
+        for tensor in to_device(inputs, torch.float64)
     ]
     # Atomic adds in a different order change grad_value in its last bits.
     assert torch.autograd.gradcheck(
@@ -375,8 +454,8 @@ def test_gradcheck_float64(random_inputs, off_kink_locations):
 # tolerances of a few units in the last place of the dtype.
 @pytest.mark.parametrize(('dtype', 'tolerance'), [(torch.float32, 1e-5),
                                                   (torch.bfloat16, 3e-2)])
-def test_opcheck_on_cuda(random_inputs, dtype, tolerance):
-    inputs = to_cuda(random_inputs(), dtype)
+def test_opcheck_on_cuda(cuda_kernel, random_inputs, dtype, tolerance):
+    inputs = to_device(random_inputs(), dtype)
     forward_inputs = tuple(
         tensor.requires_grad_(tensor.is_floating_point()) for tensor in inputs)
     torch.library.opcheck(
@@ -392,8 +471,8 @@ def test_opcheck_on_cuda(random_inputs, dtype, tolerance):
         atol=tolerance)
 
 
-def test_mismatched_dtypes_name_the_problem(random_inputs):
-    inputs = to_cuda(random_inputs(), torch.float16)
+def test_mismatched_dtypes_name_the_problem(cuda_kernel, random_inputs):
+    inputs = to_device(random_inputs(), torch.float16)
     inputs[3] = inputs[3].half()
     inputs[4] = inputs[4].half()
     with pytest.raises(
@@ -403,8 +482,8 @@ def test_mismatched_dtypes_name_the_problem(random_inputs):
         torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
 
 
-def test_mismatched_shapes_name_the_problem(random_inputs):
-    inputs = to_cuda(random_inputs(), torch.float32)
+def test_mismatched_shapes_name_the_problem(cuda_kernel, random_inputs):
+    inputs = to_device(random_inputs(), torch.float32)
     inputs[4] = inputs[4][:, :, :, :, :1].contiguous()
     with pytest.raises(
             RuntimeError, match='expected attention_weights of '
@@ -412,22 +491,22 @@ def test_mismatched_shapes_name_the_problem(random_inputs):
         torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
 
 
-def test_runs_on_the_inputs_device(random_inputs):
+def test_runs_on_the_inputs_device(cuda_kernel, random_inputs):
     if torch.cuda.device_count() < 2:
         pytest.skip('needs two CUDA devices')
     inputs = [
         tensor.to('cuda:1')
-        for tensor in to_cuda(random_inputs(), torch.float32)
+        for tensor in to_device(random_inputs(), torch.float32)
     ]
     grad_output = random_grad_output(inputs, torch.float32).to('cuda:1')
     with torch.cuda.device(0):
-        results = compiled_op_results(inputs, grad_output)
+        results = cuda_kernel.run(inputs, grad_output)
     assert all(result.device == torch.device('cuda:1') for result in results)
     assert_all_match(results, reference_results(inputs, grad_output),
                      torch.float32)
 
 
-def test_offsets_beyond_int32(level_tensors):
+def test_offsets_beyond_int32(cuda_kernel, level_tensors):
     # value has more than 2**31 elements and the sampled rows lie past that
     # index: 32-bit offsets would read the wrong rows (or fault).
     height, width, head_dims = 8200, 8192, 32
@@ -455,7 +534,7 @@ def test_offsets_beyond_int32(level_tensors):
     ]
     grad_output = torch.ones(
         1, 1, head_dims, dtype=torch.float16, device='cuda')
-    output, grad_value, grad_locations, grad_weights = compiled_op_results(
+    output, grad_value, grad_locations, grad_weights = cuda_kernel.run(
         inputs, grad_output)
     torch.testing.assert_close(
         output.view(-1).float(), channels.float(), atol=1e-3, rtol=0)
@@ -475,3 +554,71 @@ def test_offsets_beyond_int32(level_tensors):
         channels.sum().float(),
         atol=1e-3,
         rtol=1e-4)
+
+
+# (dtype, head_dims) -> the launcher's choice of channels per forward
+# thread, and of channels per backward lane and lanes per query head:
+# 16-byte packs where head_dims allows, pairs in the backward, the smallest
+# power-of-two group of lanes covering the packs, at most a warp.
+LAUNCH_CONFIGURATIONS = [
+    pytest.param(torch.float16, 32, 8, (2, 16), id='fp16-32'),
+    pytest.param(torch.bfloat16, 128, 8, (2, 32), id='bf16-128'),
+    pytest.param(torch.float32, 32, 4, (2, 16), id='fp32-32'),
+    pytest.param(torch.float64, 32, 2, (2, 16), id='fp64-32'),
+    pytest.param(torch.float16, 12, 4, (2, 8), id='fp16-12'),
+    pytest.param(torch.float32, 6, 2, (2, 4), id='fp32-6'),
+    pytest.param(torch.float32, 71, 1, (1, 32), id='fp32-71'),
+    pytest.param(torch.float64, 1, 1, (1, 1), id='fp64-1'),
+]
+
+
+@pytest.mark.parametrize(
+    ('dtype', 'head_dims', 'forward_width', 'backward_config'),
+    LAUNCH_CONFIGURATIONS)
+def test_emulated_launch_configurations(emulator, random_inputs, dtype,
+                                        head_dims, forward_width,
+                                        backward_config):
+    kernels = EmulatedKernels(emulator)
+    inputs = to_device(
+        random_inputs(
+            batch_size=2,
+            level_shapes=((3, 4), (2, 2)),
+            num_queries=3,
+            num_heads=3,
+            head_dims=head_dims,
+            num_points=2,
+            seed=head_dims), dtype, 'cpu')
+    grad_output = random_grad_output(inputs, dtype)
+    results = kernels.run(inputs, grad_output)
+    assert kernels.forward_widths == [forward_width]
+    assert kernels.backward_configs == [backward_config]
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+@pytest.mark.parametrize(('dtype', 'head_dims'), [(torch.float32, 32),
+                                                  (torch.float16, 6),
+                                                  (torch.float64, 71)])
+def test_emulated_grid_stride_loops(emulator, random_inputs, dtype, head_dims):
+    # One block of 256 threads for 540 (head_dims 6: 135 query heads of 4
+    # lanes) to 4320 threads: every thread loops, and with head_dims 6 the
+    # last pass has a partly active warp.
+    kernels = EmulatedKernels(emulator)
+    inputs = to_device(
+        random_inputs(
+            batch_size=5,
+            level_shapes=((4, 3), (2, 2)),
+            num_queries=9,
+            num_heads=3,
+            head_dims=head_dims,
+            num_points=2,
+            seed=3), dtype, 'cpu')
+    grad_output = random_grad_output(inputs, dtype)
+    results = kernels.run(inputs, grad_output, max_blocks=1)
+    assert_all_match(results, reference_results(inputs, grad_output), dtype)
+
+
+def test_emulation_reports_divergent_shuffles(emulator):
+    # The emulation's own check: a warp whose lanes do not all reach a
+    # full-mask shuffle (undefined on a GPU) is reported, not run.
+    with pytest.raises(RuntimeError, match='divergent full-mask shuffle'):
+        emulator.divergent_shuffle_probe()

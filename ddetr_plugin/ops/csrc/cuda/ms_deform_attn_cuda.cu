@@ -2,7 +2,6 @@
 // output allocation, launch configuration and the CUDA registration of the
 // ddetr_plugin::ms_deform_attn_forward / _backward schemas, which are defined
 // in ../ms_deform_attn.cpp. The kernels are in ms_deform_attn_kernels.cuh.
-#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -22,21 +21,6 @@
 namespace ddetr_plugin {
 namespace cuda {
 namespace {
-
-// Enough blocks to fill any current GPU many times over; bigger problems
-// are covered by the kernels' grid-stride loops.
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-// The widest channel pack the forward loads with one instruction.
-constexpr int64_t kMaxPackBytes = 16;
-
-int64_t num_blocks_for(int64_t num_threads) {
-  return std::min((num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock,
-                  kMaxBlocks);
-}
-
-bool is_aligned(const void* address, int64_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(address) % bytes == 0;
-}
 
 void check_input(const at::Tensor& tensor, const char* name, int64_t dims,
                  const at::Tensor& value) {
@@ -117,21 +101,6 @@ ProblemSize check_inputs(const at::Tensor& value,
   return size;
 }
 
-// Widest pack of channels (at most kMaxPackBytes) that divides head_dims
-// and keeps every row of value and output aligned to the pack.
-template <typename scalar_t>
-int forward_pack_width(const ProblemSize& size, const void* value,
-                       const void* output) {
-  for (int width : {8, 4, 2}) {
-    const int64_t bytes = width * static_cast<int64_t>(sizeof(scalar_t));
-    if (bytes <= kMaxPackBytes && size.head_dims % width == 0 &&
-        is_aligned(value, bytes) && is_aligned(output, bytes)) {
-      return width;
-    }
-  }
-  return 1;
-}
-
 template <typename scalar_t, int kWidth>
 void launch_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                     const at::Tensor& level_start_index,
@@ -171,8 +140,9 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(),
       "ms_deform_attn_forward_cuda", [&] {
-        const int width = forward_pack_width<scalar_t>(
-            size, value.const_data_ptr(), output.const_data_ptr());
+        const int width = forward_pack_width(
+            size.head_dims, sizeof(scalar_t), value.const_data_ptr(),
+            output.const_data_ptr());
         // Widths wider than 16 bytes are never chosen, so they are not
         // instantiated (8 channels only for 2-byte types, 4 not for double).
         if constexpr (sizeof(scalar_t) * 8 <= kMaxPackBytes) {
@@ -217,12 +187,7 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
                      at::Tensor& grad_attention_weights,
                      const ProblemSize& size, cudaStream_t stream) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // Smallest power of two covering the head's packs, at most one warp.
-  const int64_t packs_per_head = size.head_dims / kWidth;
-  int group_size = 1;
-  while (group_size < kWarpSize && group_size < packs_per_head) {
-    group_size *= 2;
-  }
+  const int group_size = backward_group_size(size.head_dims, kWidth);
   const int64_t num_threads =
       size.batch_size * size.num_queries * size.num_heads * group_size;
   ms_deform_attn_backward_kernel<scalar_t, kWidth>
@@ -277,13 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(),
       "ms_deform_attn_backward_cuda", [&] {
-        const int64_t pair_bytes = 2 * sizeof(scalar_t);
-        const bool pairs = size.head_dims % 2 == 0 &&
-                           is_aligned(value.const_data_ptr(), pair_bytes) &&
-                           is_aligned(grad_output.const_data_ptr(),
-                                      pair_bytes) &&
-                           is_aligned(grad_value.const_data_ptr(), pair_bytes);
-        if (pairs) {
+        const int width = backward_pack_width(
+            size.head_dims, sizeof(scalar_t), grad_output.const_data_ptr(),
+            value.const_data_ptr(), grad_value.const_data_ptr());
+        if (width == 2) {
           launch_backward<scalar_t, 2>(
               grad_output, value, spatial_shapes, level_start_index,
               sampling_locations, attention_weights, grad_value,

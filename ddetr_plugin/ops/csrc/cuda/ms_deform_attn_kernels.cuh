@@ -19,12 +19,10 @@
 #include <ATen/OpMathType.h>
 
 #include "ms_deform_attn_device_helpers.cuh"
+#include "ms_deform_attn_launch_config.h"
 
 namespace ddetr_plugin {
 namespace cuda {
-
-constexpr int kThreadsPerBlock = 256;
-constexpr int kWarpSize = 32;
 
 struct ProblemSize {
   int64_t batch_size;

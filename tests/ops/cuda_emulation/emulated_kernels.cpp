@@ -1,0 +1,307 @@
+// Runs the CUDA kernels of ddetr_plugin/ops/csrc/cuda on the CPU.
+//
+// The kernel source is compiled unchanged by a host compiler, with
+// cuda_shim.h force-included and include/ holding stand-ins for
+// <cuda_fp16.h> and <cuda_bf16.h>. The launch configuration (block and grid
+// sizes, channel pack widths, backward lane groups) comes from the same
+// ms_deform_attn_launch_config.h as the real launcher, so the emulation
+// takes the launcher's decisions for the given pointers and sizes. Only the
+// at::Tensor glue of ms_deform_attn_cuda.cu (checks, allocation) is not
+// exercised: the caller allocates, and zeroes grad_value as that glue does.
+//
+// This checks indexing, packing, grid-stride loops, lane groups and their
+// shuffle reductions, and half-precision rounding. It cannot check what only
+// hardware shows: memory ordering, races between warps running at once,
+// register pressure, or speed.
+//
+// C interface (for ctypes): every function returns 0 on success, else
+// writes a message into `error` and returns 1.
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <functional>
+#include <vector>
+
+#include "ms_deform_attn_kernels.cuh"
+
+namespace {
+
+using ddetr_plugin::cuda::kMaxPackBytes;
+using ddetr_plugin::cuda::kThreadsPerBlock;
+using ddetr_plugin::cuda::kWarpSize;
+using ddetr_plugin::cuda::ProblemSize;
+
+enum DtypeCode { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Runs `kernel` (a callable with no arguments, the kernel bound to its
+// arguments) on a grid of num_blocks blocks of kThreadsPerBlock threads,
+// one warp after the other (see cuda_shim.h). Returns an error message,
+// empty on success.
+std::string launch(const std::function<void()>& kernel, int64_t num_blocks) {
+  gridDim = uint3{static_cast<unsigned int>(num_blocks), 1, 1};
+  blockDim = uint3{static_cast<unsigned int>(kThreadsPerBlock), 1, 1};
+  cuda_emulation::Warp warp;
+  for (int64_t block = 0; block < num_blocks; ++block) {
+    blockIdx = uint3{static_cast<unsigned int>(block), 0, 0};
+    for (int warp_index = 0; warp_index < kThreadsPerBlock / kWarpSize;
+         ++warp_index) {
+      const std::string error = warp.run(kernel, warp_index);
+      if (!error.empty()) {
+        return "block " + std::to_string(block) + ", warp " +
+               std::to_string(warp_index) + ": " + error;
+      }
+    }
+  }
+  return "";
+}
+
+// The launcher's grid size, optionally capped to force the grid-stride
+// loops to iterate.
+int64_t grid_blocks(int64_t num_threads, int64_t max_blocks) {
+  int64_t blocks = ddetr_plugin::cuda::num_blocks_for(num_threads);
+  if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
+  return blocks;
+}
+
+ProblemSize problem_size(const int64_t* sizes) {
+  ProblemSize size;
+  size.batch_size = sizes[0];
+  size.num_keys = sizes[1];
+  size.num_queries = sizes[2];
+  size.num_heads = sizes[3];
+  size.head_dims = sizes[4];
+  size.num_levels = sizes[5];
+  size.num_points = sizes[6];
+  return size;
+}
+
+template <typename scalar_t, int kWidth>
+std::string run_forward(const void* value, const int64_t* spatial_shapes,
+                        const int64_t* level_start_index,
+                        const void* sampling_locations,
+                        const void* attention_weights, void* output,
+                        const ProblemSize& size, int64_t max_blocks) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_threads = size.batch_size * size.num_queries *
+                              size.num_heads * (size.head_dims / kWidth);
+  const auto kernel = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_forward_kernel<scalar_t, kWidth>(
+        static_cast<const scalar_t*>(value), spatial_shapes,
+        level_start_index, static_cast<const opmath_t*>(sampling_locations),
+        static_cast<const opmath_t*>(attention_weights),
+        static_cast<scalar_t*>(output), size);
+  };
+  return launch(kernel, grid_blocks(num_threads, max_blocks));
+}
+
+template <typename scalar_t>
+std::string forward(const void* value, const int64_t* spatial_shapes,
+                    const int64_t* level_start_index,
+                    const void* sampling_locations,
+                    const void* attention_weights, void* output,
+                    const ProblemSize& size, int64_t max_blocks,
+                    int* width_used) {
+  const int width = ddetr_plugin::cuda::forward_pack_width(
+      size.head_dims, sizeof(scalar_t), value, output);
+  *width_used = width;
+  if constexpr (sizeof(scalar_t) * 8 <= kMaxPackBytes) {
+    if (width == 8) {
+      return run_forward<scalar_t, 8>(value, spatial_shapes,
+                                      level_start_index, sampling_locations,
+                                      attention_weights, output, size,
+                                      max_blocks);
+    }
+  }
+  if constexpr (sizeof(scalar_t) * 4 <= kMaxPackBytes) {
+    if (width == 4) {
+      return run_forward<scalar_t, 4>(value, spatial_shapes,
+                                      level_start_index, sampling_locations,
+                                      attention_weights, output, size,
+                                      max_blocks);
+    }
+  }
+  if (width == 2) {
+    return run_forward<scalar_t, 2>(value, spatial_shapes, level_start_index,
+                                    sampling_locations, attention_weights,
+                                    output, size, max_blocks);
+  }
+  if (width != 1) {
+    return "forward_pack_width chose " + std::to_string(width) +
+           " channels, wider than 16 bytes";
+  }
+  return run_forward<scalar_t, 1>(value, spatial_shapes, level_start_index,
+                                  sampling_locations, attention_weights,
+                                  output, size, max_blocks);
+}
+
+template <typename scalar_t, int kWidth>
+std::string run_backward(const void* grad_output, const void* value,
+                         const int64_t* spatial_shapes,
+                         const int64_t* level_start_index,
+                         const void* sampling_locations,
+                         const void* attention_weights, void* grad_value,
+                         void* grad_sampling_locations,
+                         void* grad_attention_weights,
+                         const ProblemSize& size, int64_t max_blocks,
+                         int* group_size_used) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int group_size =
+      ddetr_plugin::cuda::backward_group_size(size.head_dims, kWidth);
+  *group_size_used = group_size;
+  const int64_t num_threads =
+      size.batch_size * size.num_queries * size.num_heads * group_size;
+  const auto kernel = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_backward_kernel<scalar_t, kWidth>(
+        static_cast<const scalar_t*>(grad_output),
+        static_cast<const scalar_t*>(value), spatial_shapes,
+        level_start_index, static_cast<const opmath_t*>(sampling_locations),
+        static_cast<const opmath_t*>(attention_weights),
+        static_cast<scalar_t*>(grad_value),
+        static_cast<opmath_t*>(grad_sampling_locations),
+        static_cast<opmath_t*>(grad_attention_weights), size, group_size);
+  };
+  return launch(kernel, grid_blocks(num_threads, max_blocks));
+}
+
+template <typename scalar_t>
+std::string backward(const void* grad_output, const void* value,
+                     const int64_t* spatial_shapes,
+                     const int64_t* level_start_index,
+                     const void* sampling_locations,
+                     const void* attention_weights, void* grad_value,
+                     void* grad_sampling_locations,
+                     void* grad_attention_weights, const ProblemSize& size,
+                     int64_t max_blocks, int* width_used,
+                     int* group_size_used) {
+  const int width = ddetr_plugin::cuda::backward_pack_width(
+      size.head_dims, sizeof(scalar_t), grad_output, value, grad_value);
+  *width_used = width;
+  if (width == 2) {
+    return run_backward<scalar_t, 2>(
+        grad_output, value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, grad_value,
+        grad_sampling_locations, grad_attention_weights, size, max_blocks,
+        group_size_used);
+  }
+  return run_backward<scalar_t, 1>(
+      grad_output, value, spatial_shapes, level_start_index,
+      sampling_locations, attention_weights, grad_value,
+      grad_sampling_locations, grad_attention_weights, size, max_blocks,
+      group_size_used);
+}
+
+int report(const std::string& message, char* error, int64_t error_size) {
+  if (message.empty()) return 0;
+  std::snprintf(error, static_cast<size_t>(error_size), "%s",
+                message.c_str());
+  return 1;
+}
+
+std::string unknown_dtype(int dtype) {
+  return "unknown dtype code " + std::to_string(dtype) +
+         " (expected 0 float64, 1 float32, 2 float16, 3 bfloat16)";
+}
+
+}  // namespace
+
+extern "C" {
+
+// sizes: batch_size, num_keys, num_queries, num_heads, head_dims,
+// num_levels, num_points. max_blocks > 0 caps the grid. On return,
+// *width_used holds the channels per thread the launcher's rule chose.
+int emulate_forward(int dtype, const void* value,
+                    const int64_t* spatial_shapes,
+                    const int64_t* level_start_index,
+                    const void* sampling_locations,
+                    const void* attention_weights, void* output,
+                    const int64_t* sizes, int64_t max_blocks,
+                    int* width_used, char* error, int64_t error_size) {
+  const ProblemSize size = problem_size(sizes);
+  std::string message;
+  switch (dtype) {
+    case kFloat64:
+      message = forward<double>(value, spatial_shapes, level_start_index,
+                                sampling_locations, attention_weights,
+                                output, size, max_blocks, width_used);
+      break;
+    case kFloat32:
+      message = forward<float>(value, spatial_shapes, level_start_index,
+                               sampling_locations, attention_weights, output,
+                               size, max_blocks, width_used);
+      break;
+    case kFloat16:
+      message = forward<c10::Half>(value, spatial_shapes, level_start_index,
+                                   sampling_locations, attention_weights,
+                                   output, size, max_blocks, width_used);
+      break;
+    case kBFloat16:
+      message = forward<c10::BFloat16>(
+          value, spatial_shapes, level_start_index, sampling_locations,
+          attention_weights, output, size, max_blocks, width_used);
+      break;
+    default:
+      message = unknown_dtype(dtype);
+  }
+  return report(message, error, error_size);
+}
+
+// grad_value must be zeroed by the caller, as the launcher does. On return,
+// *width_used holds the channels per lane and *group_size_used the lanes
+// per query head that the launcher's rules chose.
+int emulate_backward(int dtype, const void* grad_output, const void* value,
+                     const int64_t* spatial_shapes,
+                     const int64_t* level_start_index,
+                     const void* sampling_locations,
+                     const void* attention_weights, void* grad_value,
+                     void* grad_sampling_locations,
+                     void* grad_attention_weights, const int64_t* sizes,
+                     int64_t max_blocks, int* width_used,
+                     int* group_size_used, char* error, int64_t error_size) {
+  const ProblemSize size = problem_size(sizes);
+  std::string message;
+  switch (dtype) {
+    case kFloat64:
+      message = backward<double>(
+          grad_output, value, spatial_shapes, level_start_index,
+          sampling_locations, attention_weights, grad_value,
+          grad_sampling_locations, grad_attention_weights, size, max_blocks,
+          width_used, group_size_used);
+      break;
+    case kFloat32:
+      message = backward<float>(
+          grad_output, value, spatial_shapes, level_start_index,
+          sampling_locations, attention_weights, grad_value,
+          grad_sampling_locations, grad_attention_weights, size, max_blocks,
+          width_used, group_size_used);
+      break;
+    case kFloat16:
+      message = backward<c10::Half>(
+          grad_output, value, spatial_shapes, level_start_index,
+          sampling_locations, attention_weights, grad_value,
+          grad_sampling_locations, grad_attention_weights, size, max_blocks,
+          width_used, group_size_used);
+      break;
+    case kBFloat16:
+      message = backward<c10::BFloat16>(
+          grad_output, value, spatial_shapes, level_start_index,
+          sampling_locations, attention_weights, grad_value,
+          grad_sampling_locations, grad_attention_weights, size, max_blocks,
+          width_used, group_size_used);
+      break;
+    default:
+      message = unknown_dtype(dtype);
+  }
+  return report(message, error, error_size);
+}
+
+// Runs a kernel whose first lane returns before a full-mask shuffle that
+// the other lanes reach; the emulation must report it (returns 1).
+int emulate_divergent_shuffle_probe(char* error, int64_t error_size) {
+  const auto kernel = [] {
+    if (threadIdx.x % kWarpSize == 0) return;
+    __shfl_xor_sync(0xffffffffu, 1.0f, 1, kWarpSize);
+  };
+  return report(launch(kernel, 1), error, error_size);
+}
+
+}  // extern "C"

@@ -1,0 +1,191 @@
+"""Build and call the CPU emulation of the op's CUDA kernels.
+
+``emulated_kernels.cpp`` compiles the unchanged kernel source of
+``ddetr_plugin/ops/csrc/cuda`` with a host C++ compiler (``$CXX``, else
+``g++``) into a small shared library, called here through ``ctypes`` on CPU
+tensors. The tests use it to run the CUDA tests' cases where there is no
+GPU; see the C++ file for what the emulation does and does not check.
+
+The library links nothing from torch: the kernels only need c10's
+header-only ``Half`` and ``BFloat16`` and ``at::opmath_type``.
+"""
+import ctypes
+import os
+import os.path as osp
+import shutil
+import subprocess
+from typing import List, Tuple
+
+import torch
+import torch.utils.cpp_extension
+from torch import Tensor
+
+HERE = osp.dirname(osp.abspath(__file__))
+ROOT = osp.dirname(osp.dirname(osp.dirname(HERE)))
+KERNEL_DIR = osp.join(ROOT, 'ddetr_plugin', 'ops', 'csrc', 'cuda')
+DTYPE_CODES = {
+    torch.float64: 0,
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+}
+ERROR_SIZE = 1024
+
+
+class CompilerMissing(RuntimeError):
+    """No host C++ compiler to build the emulation with."""
+
+
+def build(directory: str) -> str:
+    """Compile the emulation into ``directory``; return the library path.
+
+    Raises:
+        CompilerMissing: neither ``$CXX`` nor ``g++`` is on PATH.
+        RuntimeError: the compiler failed; the message holds its output.
+    """
+    compiler = shutil.which(os.environ.get('CXX', 'g++'))
+    if compiler is None:
+        raise CompilerMissing(
+            f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on "
+            'PATH (set CXX to build the CUDA kernel emulation)')
+    library = osp.join(directory, 'emulated_kernels.so')
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        compiler, '-std=c++20', '-O2', '-shared', '-fPIC', '-pthread',
+        f'-D_GLIBCXX_USE_CXX11_ABI={abi}', '-Wall', '-Wno-unknown-pragmas',
+        '-include',
+        osp.join(HERE, 'cuda_shim.h'), '-I',
+        osp.join(HERE, 'include'), '-I', KERNEL_DIR
+    ]
+    for include in torch.utils.cpp_extension.include_paths():
+        command += ['-I', include]
+    command += [osp.join(HERE, 'emulated_kernels.cpp'), '-o', library]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError('building the CUDA kernel emulation failed '
+                           f'(exit {result.returncode}):\n'
+                           f'{" ".join(command)}\n{result.stderr[-4000:]}')
+    return library
+
+
+def _pointer(tensor: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+class EmulatedKernels:
+    """The CUDA kernels run on the CPU, with the launcher's configuration.
+
+    Inputs follow the compiled op's contract (contiguous, int64 level
+    tensors, locations and weights in ``at::opmath_type`` of value's dtype),
+    on the CPU. ``max_blocks`` > 0 caps the grid below the launcher's
+    choice, so that the grid-stride loops iterate.
+    """
+
+    def __init__(self, library_path: str):
+        self._library = ctypes.CDLL(library_path)
+        pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+        int_pointer = ctypes.POINTER(ctypes.c_int)
+        self._library.emulate_forward.argtypes = (
+            [ctypes.c_int] + [pointer] * 6 + [
+                ctypes.POINTER(int64), int64, int_pointer, ctypes.c_char_p,
+                int64
+            ])
+        self._library.emulate_divergent_shuffle_probe.argtypes = [
+            ctypes.c_char_p, int64
+        ]
+        self._library.emulate_backward.argtypes = (
+            [ctypes.c_int] + [pointer] * 9 + [
+                ctypes.POINTER(int64), int64, int_pointer, int_pointer,
+                ctypes.c_char_p, int64
+            ])
+
+    @staticmethod
+    def _sizes(value: Tensor, sampling_locations: Tensor):
+        batch_size, num_keys, num_heads, head_dims = value.shape
+        _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+        sizes = (batch_size, num_keys, num_queries, num_heads, head_dims,
+                 num_levels, num_points)
+        return (ctypes.c_int64 * 7)(*sizes)
+
+    @staticmethod
+    def _check(tensors: List[Tensor], value: Tensor):
+        if value.dtype not in DTYPE_CODES:
+            raise TypeError(f'expected value of dtype {list(DTYPE_CODES)}, '
+                            f'got {value.dtype}')
+        for tensor in tensors:
+            if tensor.device.type != 'cpu' or not tensor.is_contiguous():
+                raise ValueError('expected contiguous CPU tensors, got one '
+                                 f'on {tensor.device} with strides '
+                                 f'{tensor.stride()}')
+
+    def forward(self,
+                value: Tensor,
+                spatial_shapes: Tensor,
+                level_start_index: Tensor,
+                sampling_locations: Tensor,
+                attention_weights: Tensor,
+                max_blocks: int = 0) -> Tuple[Tensor, int]:
+        """Returns the output (bs, nq, nh * hd) and the channels per thread.
+        """
+        inputs = [
+            value, spatial_shapes, level_start_index, sampling_locations,
+            attention_weights
+        ]
+        self._check(inputs, value)
+        batch_size, _, num_heads, head_dims = value.shape
+        output = value.new_empty(batch_size, sampling_locations.shape[1],
+                                 num_heads * head_dims)
+        width = ctypes.c_int(0)
+        error = ctypes.create_string_buffer(ERROR_SIZE)
+        status = self._library.emulate_forward(
+            DTYPE_CODES[value.dtype], *map(_pointer, inputs), _pointer(output),
+            self._sizes(value, sampling_locations), max_blocks,
+            ctypes.byref(width), error, ERROR_SIZE)
+        if status != 0:
+            raise RuntimeError(error.value.decode())
+        return output, width.value
+
+    def backward(
+            self,
+            grad_output: Tensor,
+            value: Tensor,
+            spatial_shapes: Tensor,
+            level_start_index: Tensor,
+            sampling_locations: Tensor,
+            attention_weights: Tensor,
+            max_blocks: int = 0) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+        """Returns the gradients of value, sampling_locations and
+        attention_weights, the channels per lane and the lanes per query
+        head."""
+        inputs = [
+            grad_output, value, spatial_shapes, level_start_index,
+            sampling_locations, attention_weights
+        ]
+        self._check(inputs, value)
+        # The launcher's allocation: grad_value zeroed (it is scattered into
+        # with atomics), the other two written once per sample.
+        grad_value = torch.zeros_like(value)
+        grad_locations = torch.empty_like(sampling_locations)
+        grad_weights = torch.empty_like(attention_weights)
+        width, group_size = ctypes.c_int(0), ctypes.c_int(0)
+        error = ctypes.create_string_buffer(ERROR_SIZE)
+        status = self._library.emulate_backward(
+            DTYPE_CODES[value.dtype], *map(_pointer, inputs),
+            _pointer(grad_value), _pointer(grad_locations),
+            _pointer(grad_weights),
+            self._sizes(value, sampling_locations), max_blocks,
+            ctypes.byref(width), ctypes.byref(group_size), error, ERROR_SIZE)
+        if status != 0:
+            raise RuntimeError(error.value.decode())
+        return (grad_value, grad_locations, grad_weights, width.value,
+                group_size.value)
+
+    def divergent_shuffle_probe(self):
+        """Runs a kernel with a divergent full-mask shuffle.
+
+        Raises:
+            RuntimeError: with the emulation's message, as it should.
+        """
+        error = ctypes.create_string_buffer(ERROR_SIZE)
+        if self._library.emulate_divergent_shuffle_probe(error, ERROR_SIZE):
+            raise RuntimeError(error.value.decode())
