@@ -197,9 +197,23 @@ int report(const std::string& message, char* error, int64_t error_size) {
   return 1;
 }
 
-std::string unknown_dtype(int dtype) {
-  return "unknown dtype code " + std::to_string(dtype) +
-         " (expected 0 float64, 1 float32, 2 float16, 3 bfloat16)";
+// Calls function(scalar_t{}) with the C++ type of the dtype code; returns
+// its error message.
+template <typename Function>
+std::string dispatch(int dtype, const Function& function) {
+  switch (dtype) {
+    case kFloat64:
+      return function(double{});
+    case kFloat32:
+      return function(float{});
+    case kFloat16:
+      return function(c10::Half{});
+    case kBFloat16:
+      return function(c10::BFloat16{});
+    default:
+      return "unknown dtype code " + std::to_string(dtype) +
+             " (expected 0 float64, 1 float32, 2 float16, 3 bfloat16)";
+  }
 }
 
 }  // namespace
@@ -217,31 +231,11 @@ int emulate_forward(int dtype, const void* value,
                     const int64_t* sizes, int64_t max_blocks,
                     int* width_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
-  std::string message;
-  switch (dtype) {
-    case kFloat64:
-      message = forward<double>(value, spatial_shapes, level_start_index,
-                                sampling_locations, attention_weights,
-                                output, size, max_blocks, width_used);
-      break;
-    case kFloat32:
-      message = forward<float>(value, spatial_shapes, level_start_index,
-                               sampling_locations, attention_weights, output,
-                               size, max_blocks, width_used);
-      break;
-    case kFloat16:
-      message = forward<c10::Half>(value, spatial_shapes, level_start_index,
+  const std::string message = dispatch(dtype, [&](auto type) {
+    return forward<decltype(type)>(value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights,
                                    output, size, max_blocks, width_used);
-      break;
-    case kBFloat16:
-      message = forward<c10::BFloat16>(
-          value, spatial_shapes, level_start_index, sampling_locations,
-          attention_weights, output, size, max_blocks, width_used);
-      break;
-    default:
-      message = unknown_dtype(dtype);
-  }
+  });
   return report(message, error, error_size);
 }
 
@@ -258,39 +252,13 @@ int emulate_backward(int dtype, const void* grad_output, const void* value,
                      int64_t max_blocks, int* width_used,
                      int* group_size_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
-  std::string message;
-  switch (dtype) {
-    case kFloat64:
-      message = backward<double>(
-          grad_output, value, spatial_shapes, level_start_index,
-          sampling_locations, attention_weights, grad_value,
-          grad_sampling_locations, grad_attention_weights, size, max_blocks,
-          width_used, group_size_used);
-      break;
-    case kFloat32:
-      message = backward<float>(
-          grad_output, value, spatial_shapes, level_start_index,
-          sampling_locations, attention_weights, grad_value,
-          grad_sampling_locations, grad_attention_weights, size, max_blocks,
-          width_used, group_size_used);
-      break;
-    case kFloat16:
-      message = backward<c10::Half>(
-          grad_output, value, spatial_shapes, level_start_index,
-          sampling_locations, attention_weights, grad_value,
-          grad_sampling_locations, grad_attention_weights, size, max_blocks,
-          width_used, group_size_used);
-      break;
-    case kBFloat16:
-      message = backward<c10::BFloat16>(
-          grad_output, value, spatial_shapes, level_start_index,
-          sampling_locations, attention_weights, grad_value,
-          grad_sampling_locations, grad_attention_weights, size, max_blocks,
-          width_used, group_size_used);
-      break;
-    default:
-      message = unknown_dtype(dtype);
-  }
+  const std::string message = dispatch(dtype, [&](auto type) {
+    return backward<decltype(type)>(
+        grad_output, value, spatial_shapes, level_start_index,
+        sampling_locations, attention_weights, grad_value,
+        grad_sampling_locations, grad_attention_weights, size, max_blocks,
+        width_used, group_size_used);
+  });
   return report(message, error, error_size);
 }
 
