@@ -16,6 +16,9 @@ local disk:
    a complete file;
 3. only then is the outdated checkpoint deleted.
 
+The best checkpoint (``save_best``) is written the same way: the new best
+is complete under its final name before the previous best is deleted.
+
 Temporary files left by a killed run are deleted when training starts.
 Checkpoints sent to remote storage (``backend_args``, URIs) go through
 MMEngine's own code, as a remote put is the storage's business.
@@ -79,12 +82,9 @@ class AtomicCheckpointHook(CheckpointHook):
         return outdated
 
     def _remove_checkpoint(self, step: int) -> None:
-        path = self.file_backend.join_path(self.out_dir,
-                                           self.filename_tmpl.format(step))
-        if self.file_backend.isfile(path):
-            self.file_backend.remove(path)
-        elif self.file_backend.isdir(path):  # e.g. a DeepSpeed checkpoint
-            self.file_backend.rmtree(path)
+        self._remove_path(
+            self.file_backend.join_path(self.out_dir,
+                                        self.filename_tmpl.format(step)))
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         if not self._writes_locally():
@@ -115,3 +115,79 @@ class AtomicCheckpointHook(CheckpointHook):
             osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
         if outdated is not None:
             self._remove_checkpoint(outdated)
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        """Save a checkpoint for every key indicator that improved.
+
+        Same names, scores, message-hub entries and log lines as
+        ``CheckpointHook``, which deletes the previous best before writing
+        the new one; here the new best is committed first.
+        """
+        if not self.save_best or not self._writes_locally():
+            super()._save_best_checkpoint(runner, metrics)
+            return
+        step = runner.epoch if self.by_epoch else runner.iter
+        step_kind = 'epoch' if self.by_epoch else 'iter'
+        meta = dict(epoch=runner.epoch, iter=runner.iter)
+        if 'auto' in self.key_indicators:
+            self._init_rule(self.rules, [next(iter(metrics))])
+        single = len(self.key_indicators) == 1
+        improved = False
+        for indicator, rule in zip(self.key_indicators, self.rules):
+            score = metrics[indicator]
+            score_key = 'best_score' if single else f'best_score_{indicator}'
+            best_score = runner.message_hub.runtime_info.get(
+                score_key, self.init_value_map[rule])
+            if score is None or not self.is_better_than[indicator](score,
+                                                                   best_score):
+                continue
+            improved = True
+            runner.message_hub.update_info(score_key, score)
+            previous = self._best_path(indicator)
+            name = f'best_{indicator}_{self.filename_tmpl.format(step)}'
+            # A metric name such as coco/bbox_mAP is not a file name.
+            path = self.file_backend.join_path(self.out_dir,
+                                               name.replace('/', '_'))
+            self._set_best_path(runner, indicator, path)
+            temporary = temporary_path(path)
+            runner.save_checkpoint(
+                self.out_dir,
+                filename=osp.basename(temporary),
+                save_optimizer=False,
+                save_param_scheduler=False,
+                meta=meta,
+                by_epoch=False,
+                backend_args=self.backend_args)
+            if is_main_process():
+                commit(temporary, path)
+                if previous and previous != path:
+                    self._remove_path(previous)
+                    runner.logger.info(
+                        f'The previous best checkpoint {previous} is removed')
+            runner.logger.info(
+                f'The best checkpoint with {score:0.4f} {indicator} at '
+                f'{step} {step_kind} is saved to {osp.basename(path)}.')
+        # The latest checkpoint, written before validation, holds the old
+        # best in its message hub; rewrite it so that a resumed run knows
+        # (and may later delete) the new best.
+        if improved and self.last_ckpt is not None:
+            self._save_checkpoint_with_step(runner, step, meta)
+
+    def _best_path(self, indicator: str) -> Optional[str]:
+        if len(self.key_indicators) == 1:
+            return self.best_ckpt_path
+        return self.best_ckpt_path_dict.get(indicator)
+
+    def _set_best_path(self, runner, indicator: str, path: str) -> None:
+        if len(self.key_indicators) == 1:
+            self.best_ckpt_path = path
+            runner.message_hub.update_info('best_ckpt', path)
+        else:
+            self.best_ckpt_path_dict[indicator] = path
+            runner.message_hub.update_info(f'best_ckpt_{indicator}', path)
+
+    def _remove_path(self, path: str) -> None:
+        if self.file_backend.isfile(path):
+            self.file_backend.remove(path)
+        elif self.file_backend.isdir(path):  # e.g. a DeepSpeed checkpoint
+            self.file_backend.rmtree(path)
