@@ -1,9 +1,13 @@
-"""Two-process training through tools/dist_train.sh (torchrun) on a CPU.
+"""Two-process training through tools/dist_train.sh (torchrun) and
+tools/slurm_train.sh on a CPU.
 
 Without CUDA the processes must talk over gloo, and data-parallel training
-must leave both ranks with the same weights.
+must leave both ranks with the same weights. There is no SLURM here: a
+stand-in ``srun`` starts one process per task with SLURM's task variables,
+as srun does on one node, and records the options it was given.
 """
 import json
+import os
 import os.path as osp
 import shutil
 import subprocess
@@ -19,10 +23,13 @@ pytestmark = [
 ]
 
 
-def _launch(helpers, script, arguments):
+def _launch(helpers, script, arguments, extra_env=None):
     """Run tools/<script> with two processes; fail with its output."""
     env = helpers.tool_environment(
-        dict(PYTHON=sys.executable, PORT=str(helpers.free_port())))
+        dict(
+            PYTHON=sys.executable,
+            PORT=str(helpers.free_port()),
+            **(extra_env or {})))
     result = subprocess.run(
         ['bash', osp.join(helpers.repo, 'tools', script)] + arguments,
         cwd=helpers.repo,
@@ -46,8 +53,8 @@ def distributed_run(helpers, toy_data, tmp_path_factory):
     return config, work_dir
 
 
-def test_two_ranks_train_to_identical_weights(distributed_run):
-    _, work_dir = distributed_run
+def _assert_ranks_trained_together(work_dir):
+    """Both ranks end with the same weights, changed by training."""
     before = torch.load(
         osp.join(work_dir, 'state_before_train_rank0.pth'),
         weights_only=False)['state_dict']
@@ -70,6 +77,10 @@ def test_two_ranks_train_to_identical_weights(distributed_run):
         name for name in first if not torch.equal(first[name], before[name])
     ]
     assert len(changed) > len(first) // 2
+
+
+def test_two_ranks_train_to_identical_weights(distributed_run):
+    _assert_ranks_trained_together(distributed_run[1])
 
 
 def test_two_ranks_evaluate_every_image_once(helpers, distributed_run,
@@ -95,3 +106,60 @@ def test_two_ranks_evaluate_every_image_once(helpers, distributed_run,
             detection['image_id'], 0) + 1
     assert sorted(per_image) == [1, 2, 3, 4]
     assert all(count == 100 for count in per_image.values())
+
+
+# srun on one node: one process per task with SLURM's task variables.
+FAKE_SRUN = """#!{python}
+import json, os, subprocess, sys
+arguments = sys.argv[1:]
+options = []
+while arguments and arguments[0].startswith('-'):
+    option = arguments.pop(0)
+    if option == '-p':
+        option += '=' + arguments.pop(0)
+    options.append(option)
+with open(os.environ['FAKE_SRUN_LOG'], 'w') as file:
+    json.dump(dict(options=options, command=arguments), file)
+num_tasks = int([o for o in options if o.startswith('--ntasks=')][0][9:])
+processes = [
+    subprocess.Popen(arguments, env=dict(
+        os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+        SLURM_NTASKS=str(num_tasks), SLURM_NODELIST='node0'))
+    for rank in range(num_tasks)
+]
+sys.exit(max(process.wait() for process in processes))
+"""
+# scontrol show hostname node0 | head -n1: the first node's address.
+FAKE_SCONTROL = '#!/bin/sh\necho 127.0.0.1\n'
+
+
+def test_slurm_train_runs_one_rank_per_task(helpers, toy_data, tmp_path):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for name, text in (('srun', FAKE_SRUN.format(python=sys.executable)),
+                       ('scontrol', FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / 'srun.json'
+    work_dir = str(tmp_path / 'work')
+    config = helpers.write_tiny_config(
+        str(tmp_path), toy_data, max_epochs=1, val_interval=10)
+    _launch(
+        helpers,
+        'slurm_train.sh', ['debug', 'ddetr', config, work_dir],
+        extra_env=dict(
+            PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
+            GPUS='2',
+            GPUS_PER_NODE='2',
+            CPUS_PER_TASK='1',
+            MASTER_PORT=str(helpers.free_port()),
+            FAKE_SRUN_LOG=str(log)))
+    with open(log) as file:
+        srun = json.load(file)
+    for option in ('-p=debug', '--job-name=ddetr', '--gres=gpu:2',
+                   '--ntasks=2', '--ntasks-per-node=2', '--cpus-per-task=1'):
+        assert option in srun['options']
+    assert srun['command'][-3:] == [
+        config, f'--work-dir={work_dir}', '--launcher=slurm'
+    ]
+    _assert_ranks_trained_together(work_dir)
