@@ -124,11 +124,11 @@ class EmulatedKernels:
         self.forward_widths = []
         self.backward_configs = []
 
-    def run(self, inputs, grad_output, max_blocks=0):
-        output, width = self.emulator.forward(*inputs, max_blocks=max_blocks)
+    def run(self, inputs, grad_output, max_blocks=0, reverse=False):
+        options = dict(max_blocks=max_blocks, reverse=reverse)
+        output, width = self.emulator.forward(*inputs, **options)
         grad_value, grad_locations, grad_weights, backward_width, group_size \
-            = self.emulator.backward(grad_output, *inputs,
-                                     max_blocks=max_blocks)
+            = self.emulator.backward(grad_output, *inputs, **options)
         self.forward_widths.append(width)
         self.backward_configs.append((backward_width, group_size))
         return output, grad_value, grad_locations, grad_weights
@@ -622,3 +622,33 @@ def test_emulation_reports_divergent_shuffles(emulator):
     # full-mask shuffle (undefined on a GPU) is reported, not run.
     with pytest.raises(RuntimeError, match='divergent full-mask shuffle'):
         emulator.divergent_shuffle_probe()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('head_dims', [6, 71])
+def test_emulated_results_do_not_depend_on_thread_order(
+        emulator, random_inputs, dtype, head_dims):
+    # Every output element, location and weight gradient has exactly one
+    # writer, so running blocks, warps and lanes in the opposite order must
+    # give the same bits; two threads writing the same element would not.
+    # grad_value is summed by atomics, whose order changes its rounding.
+    kernels = EmulatedKernels(emulator)
+    inputs = to_device(
+        random_inputs(
+            batch_size=3,
+            level_shapes=((4, 3), (2, 2)),
+            num_queries=9,
+            num_heads=3,
+            head_dims=head_dims,
+            num_points=2,
+            seed=5), dtype, 'cpu')
+    grad_output = random_grad_output(inputs, dtype)
+    forward_order = kernels.run(inputs, grad_output, max_blocks=2)
+    reverse_order = kernels.run(
+        inputs, grad_output, max_blocks=2, reverse=True)
+    for index in (0, 2, 3):
+        assert torch.equal(forward_order[index], reverse_order[index])
+    assert_all_match(forward_order, reference_results(inputs, grad_output),
+                     dtype)
+    assert_all_match(reverse_order, reference_results(inputs, grad_output),
+                     dtype)

@@ -5,11 +5,13 @@
 // Execution model: the driver runs one warp at a time, its 32 lanes as
 // coroutines (ucontext) on one thread. A lane runs until it reaches a
 // shuffle or returns from the kernel; once every lane has stopped, the
-// shuffle's values are exchanged and the lanes resume, lane 0 first. So the
+// shuffle's values are exchanged and the lanes resume in turn. So the
 // lanes of a warp run freely between shuffles, as on a GPU, and
 // __shfl_xor_sync is a rendezvous of all 32 lanes: a kernel whose lanes do
 // not all reach the same shuffles (undefined behaviour with a full mask on a
-// GPU) is reported instead of producing numbers. Runs are deterministic.
+// GPU) is reported instead of producing numbers. Runs are deterministic;
+// the driver can run blocks, warps and lanes in either order, so that
+// results depending on the order (conflicting plain writes) show up.
 // Atomics need no lock (one thread) and round like the hardware's: the sum
 // is formed in float and rounded once to the target type.
 #pragma once
@@ -58,8 +60,10 @@ constexpr int kLanes = 32;
 class Warp {
  public:
   // Runs kernel() on each lane of warp number warp_index of the current
-  // block. Returns an error message, empty on success.
-  std::string run(const std::function<void()>& kernel, int warp_index) {
+  // block, resuming the lanes from the last to the first with
+  // reverse_lanes. Returns an error message, empty on success.
+  std::string run(const std::function<void()>& kernel, int warp_index,
+                  bool reverse_lanes) {
     kernel_ = &kernel;
     for (int lane = 0; lane < kLanes; ++lane) {
       stacks_[lane].resize(kStackBytes);
@@ -72,7 +76,8 @@ class Warp {
       shuffles_done_[lane] = 0;
     }
     while (true) {
-      for (int lane = 0; lane < kLanes; ++lane) {
+      for (int turn = 0; turn < kLanes; ++turn) {
+        const int lane = reverse_lanes ? kLanes - 1 - turn : turn;
         if (state_[lane] != State::kReady) continue;
         threadIdx = uint3{
             static_cast<unsigned int>(warp_index * kLanes + lane), 0, 0};

@@ -35,17 +35,22 @@ enum DtypeCode { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Runs `kernel` (a callable with no arguments, the kernel bound to its
 // arguments) on a grid of num_blocks blocks of kThreadsPerBlock threads,
-// one warp after the other (see cuda_shim.h). Returns an error message,
-// empty on success.
-std::string launch(const std::function<void()>& kernel, int64_t num_blocks) {
+// one warp after the other (see cuda_shim.h); with `reverse`, blocks, warps
+// and lanes go from the last to the first. Returns an error message, empty
+// on success.
+std::string launch(const std::function<void()>& kernel, int64_t num_blocks,
+                   bool reverse = false) {
   gridDim = uint3{static_cast<unsigned int>(num_blocks), 1, 1};
   blockDim = uint3{static_cast<unsigned int>(kThreadsPerBlock), 1, 1};
   cuda_emulation::Warp warp;
-  for (int64_t block = 0; block < num_blocks; ++block) {
+  constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+  for (int64_t block_turn = 0; block_turn < num_blocks; ++block_turn) {
+    const int64_t block = reverse ? num_blocks - 1 - block_turn : block_turn;
     blockIdx = uint3{static_cast<unsigned int>(block), 0, 0};
-    for (int warp_index = 0; warp_index < kThreadsPerBlock / kWarpSize;
-         ++warp_index) {
-      const std::string error = warp.run(kernel, warp_index);
+    for (int warp_turn = 0; warp_turn < kWarpsPerBlock; ++warp_turn) {
+      const int warp_index =
+          reverse ? kWarpsPerBlock - 1 - warp_turn : warp_turn;
+      const std::string error = warp.run(kernel, warp_index, reverse);
       if (!error.empty()) {
         return "block " + std::to_string(block) + ", warp " +
                std::to_string(warp_index) + ": " + error;
@@ -55,12 +60,23 @@ std::string launch(const std::function<void()>& kernel, int64_t num_blocks) {
   return "";
 }
 
-// The launcher's grid size, optionally capped to force the grid-stride
-// loops to iterate.
-int64_t grid_blocks(int64_t num_threads, int64_t max_blocks) {
+// How the emulation departs from the launcher's plain launch.
+struct LaunchOptions {
+  // > 0: cap the launcher's grid, so that the grid-stride loops iterate.
+  int64_t max_blocks;
+  // Run blocks, warps and lanes from the last to the first.
+  bool reverse;
+};
+
+// Launches `kernel` for num_threads threads on the launcher's grid, as
+// modified by `options`.
+std::string launch_for(const std::function<void()>& kernel,
+                       int64_t num_threads, const LaunchOptions& options) {
   int64_t blocks = ddetr_plugin::cuda::num_blocks_for(num_threads);
-  if (max_blocks > 0 && blocks > max_blocks) blocks = max_blocks;
-  return blocks;
+  if (options.max_blocks > 0 && blocks > options.max_blocks) {
+    blocks = options.max_blocks;
+  }
+  return launch(kernel, blocks, options.reverse);
 }
 
 ProblemSize problem_size(const int64_t* sizes) {
@@ -80,7 +96,7 @@ std::string run_forward(const void* value, const int64_t* spatial_shapes,
                         const int64_t* level_start_index,
                         const void* sampling_locations,
                         const void* attention_weights, void* output,
-                        const ProblemSize& size, int64_t max_blocks) {
+                        const ProblemSize& size, const LaunchOptions& options) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t num_threads = size.batch_size * size.num_queries *
                               size.num_heads * (size.head_dims / kWidth);
@@ -91,7 +107,7 @@ std::string run_forward(const void* value, const int64_t* spatial_shapes,
         static_cast<const opmath_t*>(attention_weights),
         static_cast<scalar_t*>(output), size);
   };
-  return launch(kernel, grid_blocks(num_threads, max_blocks));
+  return launch_for(kernel, num_threads, options);
 }
 
 template <typename scalar_t>
@@ -99,7 +115,7 @@ std::string forward(const void* value, const int64_t* spatial_shapes,
                     const int64_t* level_start_index,
                     const void* sampling_locations,
                     const void* attention_weights, void* output,
-                    const ProblemSize& size, int64_t max_blocks,
+                    const ProblemSize& size, const LaunchOptions& options,
                     int* width_used) {
   const int width = ddetr_plugin::cuda::forward_pack_width(
       size.head_dims, sizeof(scalar_t), value, output);
@@ -109,7 +125,7 @@ std::string forward(const void* value, const int64_t* spatial_shapes,
       return run_forward<scalar_t, 8>(value, spatial_shapes,
                                       level_start_index, sampling_locations,
                                       attention_weights, output, size,
-                                      max_blocks);
+                                      options);
     }
   }
   if constexpr (sizeof(scalar_t) * 4 <= kMaxPackBytes) {
@@ -117,13 +133,13 @@ std::string forward(const void* value, const int64_t* spatial_shapes,
       return run_forward<scalar_t, 4>(value, spatial_shapes,
                                       level_start_index, sampling_locations,
                                       attention_weights, output, size,
-                                      max_blocks);
+                                      options);
     }
   }
   if (width == 2) {
     return run_forward<scalar_t, 2>(value, spatial_shapes, level_start_index,
                                     sampling_locations, attention_weights,
-                                    output, size, max_blocks);
+                                    output, size, options);
   }
   if (width != 1) {
     return "forward_pack_width chose " + std::to_string(width) +
@@ -131,7 +147,7 @@ std::string forward(const void* value, const int64_t* spatial_shapes,
   }
   return run_forward<scalar_t, 1>(value, spatial_shapes, level_start_index,
                                   sampling_locations, attention_weights,
-                                  output, size, max_blocks);
+                                  output, size, options);
 }
 
 template <typename scalar_t, int kWidth>
@@ -142,7 +158,7 @@ std::string run_backward(const void* grad_output, const void* value,
                          const void* attention_weights, void* grad_value,
                          void* grad_sampling_locations,
                          void* grad_attention_weights,
-                         const ProblemSize& size, int64_t max_blocks,
+                         const ProblemSize& size, const LaunchOptions& options,
                          int* group_size_used) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int group_size =
@@ -160,7 +176,7 @@ std::string run_backward(const void* grad_output, const void* value,
         static_cast<opmath_t*>(grad_sampling_locations),
         static_cast<opmath_t*>(grad_attention_weights), size, group_size);
   };
-  return launch(kernel, grid_blocks(num_threads, max_blocks));
+  return launch_for(kernel, num_threads, options);
 }
 
 template <typename scalar_t>
@@ -171,7 +187,7 @@ std::string backward(const void* grad_output, const void* value,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
                      void* grad_attention_weights, const ProblemSize& size,
-                     int64_t max_blocks, int* width_used,
+                     const LaunchOptions& options, int* width_used,
                      int* group_size_used) {
   const int width = ddetr_plugin::cuda::backward_pack_width(
       size.head_dims, sizeof(scalar_t), grad_output, value, grad_value);
@@ -180,13 +196,13 @@ std::string backward(const void* grad_output, const void* value,
     return run_backward<scalar_t, 2>(
         grad_output, value, spatial_shapes, level_start_index,
         sampling_locations, attention_weights, grad_value,
-        grad_sampling_locations, grad_attention_weights, size, max_blocks,
+        grad_sampling_locations, grad_attention_weights, size, options,
         group_size_used);
   }
   return run_backward<scalar_t, 1>(
       grad_output, value, spatial_shapes, level_start_index,
       sampling_locations, attention_weights, grad_value,
-      grad_sampling_locations, grad_attention_weights, size, max_blocks,
+      grad_sampling_locations, grad_attention_weights, size, options,
       group_size_used);
 }
 
@@ -221,25 +237,28 @@ std::string dispatch(int dtype, const Function& function) {
 extern "C" {
 
 // sizes: batch_size, num_keys, num_queries, num_heads, head_dims,
-// num_levels, num_points. max_blocks > 0 caps the grid. On return,
-// *width_used holds the channels per thread the launcher's rule chose.
+// num_levels, num_points. max_blocks > 0 caps the grid; reverse != 0 runs
+// blocks, warps and lanes last to first. On return, *width_used holds the
+// channels per thread the launcher's rule chose.
 int emulate_forward(int dtype, const void* value,
                     const int64_t* spatial_shapes,
                     const int64_t* level_start_index,
                     const void* sampling_locations,
                     const void* attention_weights, void* output,
-                    const int64_t* sizes, int64_t max_blocks,
+                    const int64_t* sizes, int64_t max_blocks, int reverse,
                     int* width_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
+  const LaunchOptions options{max_blocks, reverse != 0};
   const std::string message = dispatch(dtype, [&](auto type) {
     return forward<decltype(type)>(value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights,
-                                   output, size, max_blocks, width_used);
+                                   output, size, options, width_used);
   });
   return report(message, error, error_size);
 }
 
-// grad_value must be zeroed by the caller, as the launcher does. On return,
+// grad_value must be zeroed by the caller, as the launcher does. Options as
+// for emulate_forward. On return,
 // *width_used holds the channels per lane and *group_size_used the lanes
 // per query head that the launcher's rules chose.
 int emulate_backward(int dtype, const void* grad_output, const void* value,
@@ -249,14 +268,15 @@ int emulate_backward(int dtype, const void* grad_output, const void* value,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
                      void* grad_attention_weights, const int64_t* sizes,
-                     int64_t max_blocks, int* width_used,
+                     int64_t max_blocks, int reverse, int* width_used,
                      int* group_size_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
+  const LaunchOptions options{max_blocks, reverse != 0};
   const std::string message = dispatch(dtype, [&](auto type) {
     return backward<decltype(type)>(
         grad_output, value, spatial_shapes, level_start_index,
         sampling_locations, attention_weights, grad_value,
-        grad_sampling_locations, grad_attention_weights, size, max_blocks,
+        grad_sampling_locations, grad_attention_weights, size, options,
         width_used, group_size_used);
   });
   return report(message, error, error_size);

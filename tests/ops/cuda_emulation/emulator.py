@@ -78,7 +78,12 @@ class EmulatedKernels:
     Inputs follow the compiled op's contract (contiguous, int64 level
     tensors, locations and weights in ``at::opmath_type`` of value's dtype),
     on the CPU. ``max_blocks`` > 0 caps the grid below the launcher's
-    choice, so that the grid-stride loops iterate.
+    choice, so that the grid-stride loops iterate; ``reverse`` runs blocks,
+    warps and lanes from the last to the first.
+
+    Outputs the launcher leaves uninitialised (``at::empty``) start as NaN
+    here, so that an element the kernels fail to write cannot pass for a
+    correct zero.
     """
 
     def __init__(self, library_path: str):
@@ -87,16 +92,16 @@ class EmulatedKernels:
         int_pointer = ctypes.POINTER(ctypes.c_int)
         self._library.emulate_forward.argtypes = (
             [ctypes.c_int] + [pointer] * 6 + [
-                ctypes.POINTER(int64), int64, int_pointer, ctypes.c_char_p,
-                int64
+                ctypes.POINTER(int64), int64, ctypes.c_int, int_pointer,
+                ctypes.c_char_p, int64
             ])
         self._library.emulate_divergent_shuffle_probe.argtypes = [
             ctypes.c_char_p, int64
         ]
         self._library.emulate_backward.argtypes = (
             [ctypes.c_int] + [pointer] * 9 + [
-                ctypes.POINTER(int64), int64, int_pointer, int_pointer,
-                ctypes.c_char_p, int64
+                ctypes.POINTER(int64), int64, ctypes.c_int, int_pointer,
+                int_pointer, ctypes.c_char_p, int64
             ])
 
     @staticmethod
@@ -124,7 +129,8 @@ class EmulatedKernels:
                 level_start_index: Tensor,
                 sampling_locations: Tensor,
                 attention_weights: Tensor,
-                max_blocks: int = 0) -> Tuple[Tensor, int]:
+                max_blocks: int = 0,
+                reverse: bool = False) -> Tuple[Tensor, int]:
         """Returns the output (bs, nq, nh * hd) and the channels per thread.
         """
         inputs = [
@@ -133,13 +139,14 @@ class EmulatedKernels:
         ]
         self._check(inputs, value)
         batch_size, _, num_heads, head_dims = value.shape
-        output = value.new_empty(batch_size, sampling_locations.shape[1],
-                                 num_heads * head_dims)
+        output = value.new_full(
+            (batch_size, sampling_locations.shape[1], num_heads * head_dims),
+            float('nan'))
         width = ctypes.c_int(0)
         error = ctypes.create_string_buffer(ERROR_SIZE)
         status = self._library.emulate_forward(
             DTYPE_CODES[value.dtype], *map(_pointer, inputs), _pointer(output),
-            self._sizes(value, sampling_locations), max_blocks,
+            self._sizes(value, sampling_locations), max_blocks, int(reverse),
             ctypes.byref(width), error, ERROR_SIZE)
         if status != 0:
             raise RuntimeError(error.value.decode())
@@ -153,7 +160,8 @@ class EmulatedKernels:
             level_start_index: Tensor,
             sampling_locations: Tensor,
             attention_weights: Tensor,
-            max_blocks: int = 0) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+            max_blocks: int = 0,
+            reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor, int, int]:
         """Returns the gradients of value, sampling_locations and
         attention_weights, the channels per lane and the lanes per query
         head."""
@@ -165,16 +173,16 @@ class EmulatedKernels:
         # The launcher's allocation: grad_value zeroed (it is scattered into
         # with atomics), the other two written once per sample.
         grad_value = torch.zeros_like(value)
-        grad_locations = torch.empty_like(sampling_locations)
-        grad_weights = torch.empty_like(attention_weights)
+        grad_locations = torch.full_like(sampling_locations, float('nan'))
+        grad_weights = torch.full_like(attention_weights, float('nan'))
         width, group_size = ctypes.c_int(0), ctypes.c_int(0)
         error = ctypes.create_string_buffer(ERROR_SIZE)
         status = self._library.emulate_backward(
             DTYPE_CODES[value.dtype], *map(_pointer, inputs),
             _pointer(grad_value), _pointer(grad_locations),
-            _pointer(grad_weights),
-            self._sizes(value, sampling_locations), max_blocks,
-            ctypes.byref(width), ctypes.byref(group_size), error, ERROR_SIZE)
+            _pointer(grad_weights), self._sizes(value, sampling_locations),
+            max_blocks, int(reverse), ctypes.byref(width),
+            ctypes.byref(group_size), error, ERROR_SIZE)
         if status != 0:
             raise RuntimeError(error.value.decode())
         return (grad_value, grad_locations, grad_weights, width.value,
