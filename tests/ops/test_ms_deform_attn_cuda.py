@@ -556,6 +556,22 @@ def test_offsets_beyond_int32(cuda_kernel, level_tensors):
         rtol=1e-4)
 
 
+def emulated_case(random_inputs, dtype, head_dims, batch_size, num_queries,
+                  seed):
+    """Inputs and output gradient of a small case, on the CPU, as the
+    kernels take them: 3 heads, 2 levels of 2 points."""
+    inputs = to_device(
+        random_inputs(
+            batch_size=batch_size,
+            level_shapes=((4, 3), (2, 2)),
+            num_queries=num_queries,
+            num_heads=3,
+            head_dims=head_dims,
+            num_points=2,
+            seed=seed), dtype, 'cpu')
+    return inputs, random_grad_output(inputs, dtype)
+
+
 # (dtype, head_dims) -> the launcher's choice of channels per forward
 # thread, and of channels per backward lane and lanes per query head:
 # 16-byte packs where head_dims allows, pairs in the backward, the smallest
@@ -579,16 +595,13 @@ def test_emulated_launch_configurations(emulator, random_inputs, dtype,
                                         head_dims, forward_width,
                                         backward_config):
     kernels = EmulatedKernels(emulator)
-    inputs = to_device(
-        random_inputs(
-            batch_size=2,
-            level_shapes=((3, 4), (2, 2)),
-            num_queries=3,
-            num_heads=3,
-            head_dims=head_dims,
-            num_points=2,
-            seed=head_dims), dtype, 'cpu')
-    grad_output = random_grad_output(inputs, dtype)
+    inputs, grad_output = emulated_case(
+        random_inputs,
+        dtype,
+        head_dims,
+        batch_size=2,
+        num_queries=3,
+        seed=head_dims)
     results = kernels.run(inputs, grad_output)
     assert kernels.forward_widths == [forward_width]
     assert kernels.backward_configs == [backward_config]
@@ -603,16 +616,8 @@ def test_emulated_grid_stride_loops(emulator, random_inputs, dtype, head_dims):
     # lanes) to 4320 threads: every thread loops, and with head_dims 6 the
     # last pass has a partly active warp.
     kernels = EmulatedKernels(emulator)
-    inputs = to_device(
-        random_inputs(
-            batch_size=5,
-            level_shapes=((4, 3), (2, 2)),
-            num_queries=9,
-            num_heads=3,
-            head_dims=head_dims,
-            num_points=2,
-            seed=3), dtype, 'cpu')
-    grad_output = random_grad_output(inputs, dtype)
+    inputs, grad_output = emulated_case(
+        random_inputs, dtype, head_dims, batch_size=5, num_queries=9, seed=3)
     results = kernels.run(inputs, grad_output, max_blocks=1)
     assert_all_match(results, reference_results(inputs, grad_output), dtype)
 
@@ -633,16 +638,8 @@ def test_emulated_results_do_not_depend_on_thread_order(
     # give the same bits; two threads writing the same element would not.
     # grad_value is summed by atomics, whose order changes its rounding.
     kernels = EmulatedKernels(emulator)
-    inputs = to_device(
-        random_inputs(
-            batch_size=3,
-            level_shapes=((4, 3), (2, 2)),
-            num_queries=9,
-            num_heads=3,
-            head_dims=head_dims,
-            num_points=2,
-            seed=5), dtype, 'cpu')
-    grad_output = random_grad_output(inputs, dtype)
+    inputs, grad_output = emulated_case(
+        random_inputs, dtype, head_dims, batch_size=3, num_queries=9, seed=5)
     forward_order = kernels.run(inputs, grad_output, max_blocks=2)
     reverse_order = kernels.run(
         inputs, grad_output, max_blocks=2, reverse=True)
