@@ -1,11 +1,13 @@
 """Build and install ddetr_plugin.
 
 The compiled op ``ddetr_plugin._C`` is always built: with its CUDA kernels
-where a CUDA compiler and a CUDA build of torch are present (or when
-``FORCE_CUDA=1``), CPU-only otherwise. Nothing here needs a GPU.
+where a CUDA build of torch and an nvcc of its major CUDA version are
+present, CPU-only otherwise (``ddetr_plugin/ops/cuda_build.py`` decides and
+says why; ``FORCE_CUDA=1`` makes a missing piece an error). Nothing here
+needs a GPU.
 """
 import glob
-import os
+import importlib.util
 import os.path as osp
 
 from setuptools import find_packages, setup
@@ -22,12 +24,14 @@ def read_version() -> str:
 
 
 def want_cuda() -> bool:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
-    if os.getenv('FORCE_CUDA', '0') == '1':
-        return True
-    return torch.version.cuda is not None and CUDA_HOME is not None and (
-        torch.cuda.is_available() or 'TORCH_CUDA_ARCH_LIST' in os.environ)
+    path = osp.join(ROOT, 'ddetr_plugin', 'ops', 'cuda_build.py')
+    spec = importlib.util.spec_from_file_location('cuda_build', path)
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
+    plan = cuda_build.plan_cuda_build()
+    verb = 'with' if plan.build_cuda else 'without'
+    print(f'ddetr_plugin: building {verb} CUDA kernels: {plan.reason}')
+    return plan.build_cuda
 
 
 def make_extensions():

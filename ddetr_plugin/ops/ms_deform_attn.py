@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_inputs
+from .cuda_build import plan_cuda_build
 from .extension import (extension_error, extension_loaded, kernel_device_types,
                         scan_kernel_devices)
 from .reference import ms_deform_attn_reference
@@ -115,16 +116,29 @@ def _warn_fallback(device_type: str) -> None:
     if device_type in _warned_fallbacks:
         return
     _warned_fallbacks.add(device_type)
-    if extension_loaded():
-        reason = (f'ddetr_plugin._C has no kernel for {device_type} tensors '
-                  f'(kernels: {sorted(kernel_device_types())})')
-    else:
-        reason = f'ddetr_plugin._C did not load ({extension_error()})'
     warnings.warn(
-        f'ms_deform_attn: {reason}; using the slower plain-PyTorch '
-        'reference. Build the extension with `pip install -e .` to get the '
-        'compiled kernels.',
+        f'ms_deform_attn: {_fallback_reason(device_type)}; using the slower '
+        'plain-PyTorch reference.',
         stacklevel=3)
+
+
+def _fallback_reason(device_type: str) -> str:
+    """Why no compiled kernel serves ``device_type``, and what to do."""
+    rebuild = ('rebuild with `pip install --no-build-isolation -e .` in the '
+               'checkout')
+    if not extension_loaded():
+        return f'ddetr_plugin._C did not load ({extension_error()}); {rebuild}'
+    reason = (f'ddetr_plugin._C has no kernel for {device_type} tensors '
+              f'(kernels: {sorted(kernel_device_types())})')
+    if device_type != 'cuda':
+        return reason
+    try:
+        plan = plan_cuda_build()
+    except RuntimeError as error:  # FORCE_CUDA=1 in the environment
+        return f'{reason}: {error}'
+    if plan.build_cuda:
+        return f'{reason}; a build now would have them: {rebuild}'
+    return f'{reason}: it was built without them, as {plan.reason}'
 
 
 # ---------------------------------------------------------------------------
