@@ -649,3 +649,27 @@ def test_emulated_results_do_not_depend_on_thread_order(
                      dtype)
     assert_all_match(reverse_order, reference_results(inputs, grad_output),
                      dtype)
+
+
+def test_emulated_r50_decoder_shape(emulator, level_tensors):
+    # The real sizes of the R50 decoder at 800x1333 (22223 keys over maps
+    # up to 167 wide, 300 queries, 8 heads of 32 channels, 4 levels of 4
+    # points): offsets, packing and coordinates at full scale. Location
+    # gradients reach thousands (they scale with the map size), hence the
+    # relative tolerance.
+    spatial_shapes, level_start_index, num_keys = level_tensors([(100, 167),
+                                                                 (50, 84),
+                                                                 (25, 42),
+                                                                 (13, 21)])
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(1, num_keys, 8, 32, generator=generator)
+    locations = torch.rand(1, 300, 8, 4, 4, 2, generator=generator)
+    weights = torch.rand(1, 300, 8, 4, 4, generator=generator)
+    inputs = [value, spatial_shapes, level_start_index, locations, weights]
+    grad_output = torch.randn(1, 300, 256, generator=generator)
+    kernels = EmulatedKernels(emulator)
+    results = kernels.run(inputs, grad_output)
+    assert kernels.forward_widths == [4]
+    assert kernels.backward_configs == [(2, 16)]
+    assert_all_match(results, reference_results(inputs, grad_output),
+                     torch.float32)
