@@ -51,7 +51,7 @@ def build(directory: str) -> str:
     library = osp.join(directory, 'emulated_kernels.so')
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
-        compiler, '-std=c++20', '-O2', '-shared', '-fPIC', '-pthread',
+        compiler, '-std=c++17', '-O2', '-shared', '-fPIC',
         f'-D_GLIBCXX_USE_CXX11_ABI={abi}', '-Wall', '-Wno-unknown-pragmas',
         '-include',
         osp.join(HERE, 'cuda_shim.h'), '-I',
