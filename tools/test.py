@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     runner = (
         Runner.from_cfg(cfg)
         if 'runner_type' not in cfg else RUNNERS.build(cfg))
-    checkpoint_check.check_checkpoint_matches(runner.model, args.checkpoint)
+    checkpoint_check.check_checkpoint_matches(runner.model, args.checkpoint,
+                                              args.config)
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(

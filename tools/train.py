@@ -24,7 +24,7 @@ from mmengine.runner import Runner
 
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import launch
+from ddetr_plugin.engine import checkpoint_check, launch
 from ddetr_plugin.registry import RUNNERS
 
 
@@ -91,6 +91,10 @@ def configure(args) -> Config:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = configure(args)
+    if cfg.get('load_from') and not cfg.get('resume'):
+        # MMEngine loads these weights non-strictly: a checkpoint of another
+        # implementation would leave the model nearly untouched, silently.
+        checkpoint_check.check_not_foreign_layout(cfg.load_from, args.config)
     runner = (
         Runner.from_cfg(cfg)
         if 'runner_type' not in cfg else RUNNERS.build(cfg))

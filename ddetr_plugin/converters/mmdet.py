@@ -112,7 +112,8 @@ def convert_mmdet_state_dict(
 
 
 class CheckpointMismatchError(ValueError):
-    """A converted state dict does not fit the model."""
+    """Weights do not fit the model: a converted state dict, or a checkpoint
+    given to a tool (see ``ddetr_plugin.engine.checkpoint_check``)."""
 
 
 def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:

@@ -5,19 +5,25 @@ did not match, so ``tools/test.py`` given another model's checkpoint reports
 the accuracy of a mostly random model. :func:`check_checkpoint_matches`
 compares the checkpoint's state dict with the model's before testing and
 raises with the lists of missing, unexpected and mis-shaped keys.
+:func:`check_not_foreign_layout` guards ``load_from`` in training, where a
+partial match is often intended (fine-tuning with other classes) but
+weights in another implementation's layout would load almost nothing.
+
+Either error names the converter to run when the weights are in the layout
+of MMDetection's or the official Deformable DETR.
 """
-from typing import Dict, List
+import os.path as osp
+from typing import Dict, List, Optional
 
 import torch
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import _load_checkpoint
 
+from ..converters.layouts import conversion_hint, foreign_layout
+from ..converters.mmdet import CheckpointMismatchError
+
 # How many keys of each kind an error lists before it only counts them.
 MAX_LISTED = 10
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's weights do not fit the model of the config."""
 
 
 def _strip_wrapper_prefix(state_dict: Dict[str, object]) -> Dict[str, object]:
@@ -63,29 +69,46 @@ def compare_state_dicts(model_state: Dict[str, torch.Tensor],
     return dict(missing=missing, unexpected=unexpected, mismatched=mismatched)
 
 
-def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
+def _load_state_dict(filename: str) -> Dict[str, object]:
+    checkpoint = _load_checkpoint(filename, map_location='cpu')
+    if not isinstance(checkpoint, dict):
+        raise CheckpointMismatchError(
+            f'{filename!r} holds a {type(checkpoint).__name__}, expected a '
+            'dict of weights or a dict with a "state_dict" entry')
+    return _strip_wrapper_prefix(checkpoint.get('state_dict', checkpoint))
+
+
+def _raise_if_foreign(state: Dict[str, object], filename: str,
+                      config: Optional[str]) -> None:
+    layout = foreign_layout(state)
+    if layout is not None:
+        raise CheckpointMismatchError(
+            conversion_hint(layout, filename, config))
+
+
+def check_checkpoint_matches(model: torch.nn.Module,
+                             filename: str,
+                             config: Optional[str] = None) -> None:
     """Raise unless ``filename`` holds exactly the weights of ``model``.
 
     Args:
         model (nn.Module): The model to evaluate, possibly wrapped.
         filename (str): The checkpoint, loaded through MMEngine (and so
             through the plugin's weights-only loader for local files).
+        config (str, optional): The config the model was built from,
+            quoted in the converter command when the weights need one.
 
     Raises:
-        CheckpointMismatchError: Listing the missing, unexpected and
-            mis-shaped keys.
+        CheckpointMismatchError: Naming the converter to run for weights in
+            another implementation's layout; otherwise listing the missing,
+            unexpected and mis-shaped keys.
     """
     if is_model_wrapper(model):
         model = model.module
-    checkpoint = _load_checkpoint(filename, map_location='cpu')
-    if not isinstance(checkpoint, dict):
-        raise CheckpointMismatchError(
-            f'{filename!r} holds a {type(checkpoint).__name__}, expected a '
-            'dict of weights or a dict with a "state_dict" entry')
-    state = checkpoint.get('state_dict', checkpoint)
-    differences = compare_state_dicts(model.state_dict(),
-                                      _strip_wrapper_prefix(state))
+    state = _load_state_dict(filename)
+    differences = compare_state_dicts(model.state_dict(), state)
     if any(differences.values()):
+        _raise_if_foreign(state, filename, config)
         raise CheckpointMismatchError(
             f'checkpoint {filename!r} does not fit the model '
             f'{type(model).__name__} of the config; it was probably saved '
@@ -95,3 +118,18 @@ def check_checkpoint_matches(model: torch.nn.Module, filename: str) -> None:
             _listing('unexpected keys (in the checkpoint, not in the model)',
                      differences['unexpected']) +
             _listing('keys of a different shape', differences['mismatched']))
+
+
+def check_not_foreign_layout(filename: str,
+                             config: Optional[str] = None) -> None:
+    """Raise if ``filename`` holds weights in another implementation's
+    layout, which ``load_from`` would load almost none of.
+
+    Only local files are read; anything else (URLs, remote storage) is left
+    to MMEngine.
+
+    Raises:
+        CheckpointMismatchError: Naming the converter to run.
+    """
+    if osp.isfile(filename):
+        _raise_if_foreign(_load_state_dict(filename), filename, config)

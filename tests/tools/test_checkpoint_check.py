@@ -5,6 +5,7 @@ from torch import nn
 
 from ddetr_plugin.engine.checkpoint_check import (CheckpointMismatchError,
                                                   check_checkpoint_matches,
+                                                  check_not_foreign_layout,
                                                   compare_state_dicts)
 
 
@@ -70,3 +71,45 @@ def test_long_key_lists_are_shortened(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match='nothing.pth'):
         check_checkpoint_matches(TwoLayers(), str(tmp_path / 'nothing.pth'))
+
+
+# A few keys of each layout, as their state dicts name them.
+MMDET_KEYS = [
+    'backbone.conv1.weight', 'neck.convs.0.conv.weight',
+    'encoder.layers.0.self_attn.sampling_offsets.weight', 'level_embed',
+    'bbox_head.cls_branches.0.weight'
+]
+OFFICIAL_KEYS = [
+    'backbone.0.body.conv1.weight', 'input_proj.0.0.weight',
+    'transformer.level_embed', 'class_embed.0.weight'
+]
+PLUGIN_KEYS = [
+    'backbone.conv1.weight', 'neck.projections.0.conv.weight',
+    'transformer.encoder.layers.0.self_attn.sampling_offsets.weight',
+    'transformer.level_embed', 'bbox_head.cls_branches.0.weight'
+]
+
+
+@pytest.mark.parametrize(('keys', 'converter'), [
+    (MMDET_KEYS, 'mmdet_to_plugin.py'),
+    (OFFICIAL_KEYS, 'official_to_plugin.py'),
+])
+def test_foreign_layout_names_the_converter(tmp_path, keys, converter):
+    path = _save(tmp_path, {key: torch.zeros(1) for key in keys}, 'zoo.pth')
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_matches(TwoLayers(), path, 'my_config.py')
+    message = str(error.value)
+    assert f'tools/model_converters/{converter} {path}' in message
+    assert '--config my_config.py' in message
+    # Before training too, where MMEngine would load it non-strictly.
+    with pytest.raises(CheckpointMismatchError, match=converter):
+        check_not_foreign_layout(path)
+
+
+def test_own_layout_is_not_foreign(tmp_path):
+    # Fine-tuning from the plugin's own weights with other classes is a
+    # partial match that load_from must keep allowing.
+    path = _save(tmp_path, {key: torch.zeros(1) for key in PLUGIN_KEYS})
+    check_not_foreign_layout(path)
+    with pytest.raises(CheckpointMismatchError, match='missing keys'):
+        check_checkpoint_matches(TwoLayers(), path)
