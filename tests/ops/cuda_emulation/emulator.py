@@ -105,6 +105,14 @@ class EmulatedKernels:
             ])
 
     @staticmethod
+    def _call(function, *arguments) -> None:
+        """Call a C entry point whose last two arguments are an error
+        buffer and its size; raise its message if it fails."""
+        error = ctypes.create_string_buffer(ERROR_SIZE)
+        if function(*arguments, error, ERROR_SIZE) != 0:
+            raise RuntimeError(error.value.decode())
+
+    @staticmethod
     def _sizes(value: Tensor, sampling_locations: Tensor):
         batch_size, num_keys, num_heads, head_dims = value.shape
         _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
@@ -143,13 +151,10 @@ class EmulatedKernels:
             (batch_size, sampling_locations.shape[1], num_heads * head_dims),
             float('nan'))
         width = ctypes.c_int(0)
-        error = ctypes.create_string_buffer(ERROR_SIZE)
-        status = self._library.emulate_forward(
-            DTYPE_CODES[value.dtype], *map(_pointer, inputs), _pointer(output),
-            self._sizes(value, sampling_locations), max_blocks, int(reverse),
-            ctypes.byref(width), error, ERROR_SIZE)
-        if status != 0:
-            raise RuntimeError(error.value.decode())
+        self._call(self._library.emulate_forward, DTYPE_CODES[value.dtype],
+                   *map(_pointer, inputs), _pointer(output),
+                   self._sizes(value, sampling_locations), max_blocks,
+                   int(reverse), ctypes.byref(width))
         return output, width.value
 
     def backward(
@@ -176,15 +181,11 @@ class EmulatedKernels:
         grad_locations = torch.full_like(sampling_locations, float('nan'))
         grad_weights = torch.full_like(attention_weights, float('nan'))
         width, group_size = ctypes.c_int(0), ctypes.c_int(0)
-        error = ctypes.create_string_buffer(ERROR_SIZE)
-        status = self._library.emulate_backward(
-            DTYPE_CODES[value.dtype], *map(_pointer, inputs),
-            _pointer(grad_value), _pointer(grad_locations),
-            _pointer(grad_weights), self._sizes(value, sampling_locations),
-            max_blocks, int(reverse), ctypes.byref(width),
-            ctypes.byref(group_size), error, ERROR_SIZE)
-        if status != 0:
-            raise RuntimeError(error.value.decode())
+        self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
+                   *map(_pointer, inputs), _pointer(grad_value),
+                   _pointer(grad_locations), _pointer(grad_weights),
+                   self._sizes(value, sampling_locations), max_blocks,
+                   int(reverse), ctypes.byref(width), ctypes.byref(group_size))
         return (grad_value, grad_locations, grad_weights, width.value,
                 group_size.value)
 
@@ -194,6 +195,4 @@ class EmulatedKernels:
         Raises:
             RuntimeError: with the emulation's message, as it should.
         """
-        error = ctypes.create_string_buffer(ERROR_SIZE)
-        if self._library.emulate_divergent_shuffle_probe(error, ERROR_SIZE):
-            raise RuntimeError(error.value.decode())
+        self._call(self._library.emulate_divergent_shuffle_probe)
