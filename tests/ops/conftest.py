@@ -1,9 +1,13 @@
 """Input builders shared by the multi-scale deformable attention tests.
 
 Tests get the builders as fixtures (pytest imports test files with
-``--import-mode=importlib``, so they cannot import a sibling module).
-Shapes are kept tiny so the suite stays fast on two CPU cores.
+``--import-mode=importlib``, so they cannot import a sibling module), and
+the CPU emulation of the CUDA kernels as the ``emulator`` fixture. Shapes are
+kept tiny so the suite stays fast on two CPU cores.
 """
+import importlib.util
+import os
+import os.path as osp
 from typing import List, Sequence, Tuple
 
 import pytest
@@ -152,3 +156,29 @@ def border_locations_fixture():
 @pytest.fixture(name='level_tensors')
 def level_tensors_fixture():
     return level_tensors
+
+
+EMULATION_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'cuda_emulation')
+
+
+def load_emulator_module():
+    """``cuda_emulation/emulator.py``, imported by path."""
+    path = osp.join(EMULATION_DIR, 'emulator.py')
+    spec = importlib.util.spec_from_file_location('cuda_emulation', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session', name='emulator')
+def emulator_fixture(tmp_path_factory):
+    """The CUDA kernels compiled for the CPU (``EmulatedKernels``)."""
+    module = load_emulator_module()
+    try:
+        library = module.build(str(tmp_path_factory.mktemp('cuda_emulation')))
+    except module.CompilerMissing as error:
+        # CI has the compiler the extension build needs: never skip there.
+        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+            raise
+        pytest.skip(str(error))
+    return module.EmulatedKernels(library)

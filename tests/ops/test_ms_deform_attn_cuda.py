@@ -21,9 +21,6 @@ Tests of the op's C++ glue, autograd, dispatch and devices need a GPU
 (``cuda_kernel`` fixture).
 """
 import importlib
-import importlib.util
-import os
-import os.path as osp
 import warnings
 
 import pytest
@@ -45,14 +42,14 @@ DTYPES = [
 
 # Largest error allowed, relative to max(1, largest reference magnitude),
 # for the output, grad_value, and the gradients of locations and weights.
-# Measured on the CPU emulation of the kernels: fp16 and bf16 outputs lose one
-# rounding (2^-11, 2^-8), grad_value also one rounding per atomic add; the
+# Measured on the CPU emulation of the kernels: fp16 and bf16 outputs and
+# grad_value (accumulated in float32) lose one rounding (2^-11, 2^-8); the
 # location and weight gradients are float32 sums for every half type.
 TOLERANCES = {
     torch.float64: dict(output=1e-10, value=1e-10, sampling=1e-10),
     torch.float32: dict(output=1e-4, value=1e-4, sampling=1e-4),
-    torch.float16: dict(output=2e-3, value=2e-2, sampling=1e-3),
-    torch.bfloat16: dict(output=1.6e-2, value=8e-2, sampling=1e-3),
+    torch.float16: dict(output=2e-3, value=1e-3, sampling=1e-3),
+    torch.bfloat16: dict(output=1.6e-2, value=8e-3, sampling=1e-3),
 }
 
 # (batch_size, num_heads, head_dims, level_shapes, num_queries, num_points):
@@ -90,17 +87,6 @@ def cuda_kernel_missing_reason():
     return None
 
 
-EMULATION_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'cuda_emulation')
-
-
-def load_emulator_module():
-    path = osp.join(EMULATION_DIR, 'emulator.py')
-    spec = importlib.util.spec_from_file_location('cuda_emulation', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class CudaKernels:
     """The compiled op's CUDA kernels, called through the dispatcher."""
     device = 'cuda'
@@ -132,19 +118,6 @@ class EmulatedKernels:
         self.forward_widths.append(width)
         self.backward_configs.append((backward_width, group_size))
         return output, grad_value, grad_locations, grad_weights
-
-
-@pytest.fixture(scope='session', name='emulator')
-def emulator_fixture(tmp_path_factory):
-    module = load_emulator_module()
-    try:
-        library = module.build(str(tmp_path_factory.mktemp('cuda_emulation')))
-    except module.CompilerMissing as error:
-        # CI has the compiler the extension build needs: never skip there.
-        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
-            raise
-        pytest.skip(str(error))
-    return module.EmulatedKernels(library)
 
 
 @pytest.fixture(name='cuda_kernel')

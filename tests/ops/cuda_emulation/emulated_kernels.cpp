@@ -7,7 +7,8 @@
 // ms_deform_attn_launch_config.h as the real launcher, so the emulation
 // takes the launcher's decisions for the given pointers and sizes. Only the
 // at::Tensor glue of ms_deform_attn_cuda.cu (checks, allocation) is not
-// exercised: the caller allocates, and zeroes grad_value as that glue does.
+// exercised: the caller allocates, zeroes grad_value's float accumulation
+// buffer and rounds it to the value's dtype, as that glue does.
 //
 // This checks indexing, packing, grid-stride loops, lane groups and their
 // shuffle reductions, and half-precision rounding. It cannot check what only
@@ -16,10 +17,13 @@
 //
 // C interface (for ctypes): every function returns 0 on success, else
 // writes a message into `error` and returns 1.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <string>
 #include <functional>
+#include <numeric>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "ms_deform_attn_kernels.cuh"
@@ -33,24 +37,43 @@ using ddetr_plugin::cuda::ProblemSize;
 
 enum DtypeCode { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// Order in which the driver runs blocks, warps and lanes: kFirstToLast,
+// kLastToFirst, or any other value as the seed of a shuffle of all three.
+constexpr int64_t kFirstToLast = 0;
+constexpr int64_t kLastToFirst = -1;
+
+// 0..count-1 in the given order.
+std::vector<int64_t> run_order(int64_t count, int64_t order,
+                               std::mt19937_64& random) {
+  std::vector<int64_t> indices(count);
+  std::iota(indices.begin(), indices.end(), int64_t(0));
+  if (order == kLastToFirst) {
+    std::reverse(indices.begin(), indices.end());
+  } else if (order != kFirstToLast) {
+    std::shuffle(indices.begin(), indices.end(), random);
+  }
+  return indices;
+}
+
 // Runs `kernel` (a callable with no arguments, the kernel bound to its
 // arguments) on a grid of num_blocks blocks of kThreadsPerBlock threads,
-// one warp after the other (see cuda_shim.h); with `reverse`, blocks, warps
-// and lanes go from the last to the first. Returns an error message, empty
-// on success.
+// one warp after the other (see cuda_shim.h), blocks, warps and lanes in
+// the given order. Returns an error message, empty on success.
 std::string launch(const std::function<void()>& kernel, int64_t num_blocks,
-                   bool reverse = false) {
+                   int64_t order = kFirstToLast) {
   gridDim = uint3{static_cast<unsigned int>(num_blocks), 1, 1};
   blockDim = uint3{static_cast<unsigned int>(kThreadsPerBlock), 1, 1};
   cuda_emulation::Warp warp;
   constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
-  for (int64_t block_turn = 0; block_turn < num_blocks; ++block_turn) {
-    const int64_t block = reverse ? num_blocks - 1 - block_turn : block_turn;
+  std::mt19937_64 random(static_cast<uint64_t>(order));
+  for (const int64_t block : run_order(num_blocks, order, random)) {
     blockIdx = uint3{static_cast<unsigned int>(block), 0, 0};
-    for (int warp_turn = 0; warp_turn < kWarpsPerBlock; ++warp_turn) {
-      const int warp_index =
-          reverse ? kWarpsPerBlock - 1 - warp_turn : warp_turn;
-      const std::string error = warp.run(kernel, warp_index, reverse);
+    for (const int64_t warp_index : run_order(kWarpsPerBlock, order, random)) {
+      int lane_order[kWarpSize];
+      const std::vector<int64_t> lanes = run_order(kWarpSize, order, random);
+      std::copy(lanes.begin(), lanes.end(), lane_order);
+      const std::string error =
+          warp.run(kernel, static_cast<int>(warp_index), lane_order);
       if (!error.empty()) {
         return "block " + std::to_string(block) + ", warp " +
                std::to_string(warp_index) + ": " + error;
@@ -64,8 +87,8 @@ std::string launch(const std::function<void()>& kernel, int64_t num_blocks,
 struct LaunchOptions {
   // > 0: cap the launcher's grid, so that the grid-stride loops iterate.
   int64_t max_blocks;
-  // Run blocks, warps and lanes from the last to the first.
-  bool reverse;
+  // kFirstToLast, kLastToFirst or a shuffle seed (see launch()).
+  int64_t order;
 };
 
 // Launches `kernel` for num_threads threads on the launcher's grid, as
@@ -76,7 +99,7 @@ std::string launch_for(const std::function<void()>& kernel,
   if (options.max_blocks > 0 && blocks > options.max_blocks) {
     blocks = options.max_blocks;
   }
-  return launch(kernel, blocks, options.reverse);
+  return launch(kernel, blocks, options.order);
 }
 
 ProblemSize problem_size(const int64_t* sizes) {
@@ -172,7 +195,7 @@ std::string run_backward(const void* grad_output, const void* value,
         static_cast<const scalar_t*>(value), spatial_shapes,
         level_start_index, static_cast<const opmath_t*>(sampling_locations),
         static_cast<const opmath_t*>(attention_weights),
-        static_cast<scalar_t*>(grad_value),
+        static_cast<opmath_t*>(grad_value),
         static_cast<opmath_t*>(grad_sampling_locations),
         static_cast<opmath_t*>(grad_attention_weights), size, group_size);
   };
@@ -190,7 +213,8 @@ std::string backward(const void* grad_output, const void* value,
                      const LaunchOptions& options, int* width_used,
                      int* group_size_used) {
   const int width = ddetr_plugin::cuda::backward_pack_width(
-      size.head_dims, sizeof(scalar_t), grad_output, value, grad_value);
+      size.head_dims, sizeof(scalar_t), sizeof(at::opmath_type<scalar_t>),
+      grad_output, value, grad_value);
   *width_used = width;
   if (width == 2) {
     return run_backward<scalar_t, 2>(
@@ -237,18 +261,19 @@ std::string dispatch(int dtype, const Function& function) {
 extern "C" {
 
 // sizes: batch_size, num_keys, num_queries, num_heads, head_dims,
-// num_levels, num_points. max_blocks > 0 caps the grid; reverse != 0 runs
-// blocks, warps and lanes last to first. On return, *width_used holds the
+// num_levels, num_points. max_blocks > 0 caps the grid; order 0 runs
+// blocks, warps and lanes first to last, -1 last to first, anything else
+// shuffled with that seed. On return, *width_used holds the
 // channels per thread the launcher's rule chose.
 int emulate_forward(int dtype, const void* value,
                     const int64_t* spatial_shapes,
                     const int64_t* level_start_index,
                     const void* sampling_locations,
                     const void* attention_weights, void* output,
-                    const int64_t* sizes, int64_t max_blocks, int reverse,
+                    const int64_t* sizes, int64_t max_blocks, int64_t order,
                     int* width_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
-  const LaunchOptions options{max_blocks, reverse != 0};
+  const LaunchOptions options{max_blocks, order};
   const std::string message = dispatch(dtype, [&](auto type) {
     return forward<decltype(type)>(value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights,
@@ -257,8 +282,10 @@ int emulate_forward(int dtype, const void* value,
   return report(message, error, error_size);
 }
 
-// grad_value must be zeroed by the caller, as the launcher does. Options as
-// for emulate_forward. On return,
+// grad_value is the launcher's accumulation buffer: zeroed by the caller,
+// of at::opmath_type of the value's dtype (float32 for half types), which
+// the caller rounds to the value's dtype afterwards. Options as for
+// emulate_forward. On return,
 // *width_used holds the channels per lane and *group_size_used the lanes
 // per query head that the launcher's rules chose.
 int emulate_backward(int dtype, const void* grad_output, const void* value,
@@ -268,10 +295,10 @@ int emulate_backward(int dtype, const void* grad_output, const void* value,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
                      void* grad_attention_weights, const int64_t* sizes,
-                     int64_t max_blocks, int reverse, int* width_used,
+                     int64_t max_blocks, int64_t order, int* width_used,
                      int* group_size_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
-  const LaunchOptions options{max_blocks, reverse != 0};
+  const LaunchOptions options{max_blocks, order};
   const std::string message = dispatch(dtype, [&](auto type) {
     return backward<decltype(type)>(
         grad_output, value, spatial_shapes, level_start_index,

@@ -29,6 +29,14 @@ DTYPE_CODES = {
     torch.float16: 2,
     torch.bfloat16: 3,
 }
+# at::opmath_type of each value dtype: the dtype of the locations, weights
+# and every accumulation, grad_value's included.
+OPMATH_DTYPES = {
+    torch.float64: torch.float64,
+    torch.float32: torch.float32,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
 ERROR_SIZE = 1024
 
 
@@ -72,6 +80,38 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
+# Every output lives in the middle of a larger buffer whose GUARD elements
+# on either side hold CANARY: a kernel writing outside an output changes
+# them, and the call raises. GUARD is a multiple of 16 elements, so outputs
+# keep the alignment of a fresh allocation (and the launcher its packing).
+GUARD = 4096
+CANARY = 1234.5
+
+
+def _guarded(shape: Tuple[int, ...], dtype: torch.dtype,
+             fill: float) -> Tuple[Tensor, Tensor]:
+    """(buffer, output): ``output`` of ``shape`` filled with ``fill``,
+    inside ``buffer`` with canaries on both sides."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    buffer = torch.full((numel + 2 * GUARD, ), CANARY, dtype=dtype)
+    output = buffer[GUARD:GUARD + numel].view(shape)
+    output.fill_(fill)
+    return buffer, output
+
+
+def _check_guards(buffer: Tensor, name: str) -> None:
+    """Raise if a kernel wrote into the guard regions of ``buffer``."""
+    for side, guard in (('before', buffer[:GUARD]), ('after',
+                                                     buffer[-GUARD:])):
+        changed = (guard != CANARY).nonzero().flatten()
+        if changed.numel():
+            raise RuntimeError(
+                f'a kernel wrote {changed.numel()} element(s) {side} '
+                f'{name}, outside the tensor')
+
+
 class EmulatedKernels:
     """The CUDA kernels run on the CPU, with the launcher's configuration.
 
@@ -79,7 +119,8 @@ class EmulatedKernels:
     tensors, locations and weights in ``at::opmath_type`` of value's dtype),
     on the CPU. ``max_blocks`` > 0 caps the grid below the launcher's
     choice, so that the grid-stride loops iterate; ``reverse`` runs blocks,
-    warps and lanes from the last to the first.
+    warps and lanes from the last to the first, ``shuffle_seed`` (> 0) in
+    an order shuffled with that seed.
 
     Outputs the launcher leaves uninitialised (``at::empty``) start as NaN
     here, so that an element the kernels fail to write cannot pass for a
@@ -92,7 +133,7 @@ class EmulatedKernels:
         int_pointer = ctypes.POINTER(ctypes.c_int)
         self._library.emulate_forward.argtypes = (
             [ctypes.c_int] + [pointer] * 6 + [
-                ctypes.POINTER(int64), int64, ctypes.c_int, int_pointer,
+                ctypes.POINTER(int64), int64, int64, int_pointer,
                 ctypes.c_char_p, int64
             ])
         self._library.emulate_divergent_shuffle_probe.argtypes = [
@@ -100,8 +141,8 @@ class EmulatedKernels:
         ]
         self._library.emulate_backward.argtypes = (
             [ctypes.c_int] + [pointer] * 9 + [
-                ctypes.POINTER(int64), int64, ctypes.c_int, int_pointer,
-                int_pointer, ctypes.c_char_p, int64
+                ctypes.POINTER(int64), int64, int64, int_pointer, int_pointer,
+                ctypes.c_char_p, int64
             ])
 
     @staticmethod
@@ -111,6 +152,16 @@ class EmulatedKernels:
         error = ctypes.create_string_buffer(ERROR_SIZE)
         if function(*arguments, error, ERROR_SIZE) != 0:
             raise RuntimeError(error.value.decode())
+
+    @staticmethod
+    def _order(reverse: bool, shuffle_seed: int) -> int:
+        """The C side's run order: 0 first to last, -1 last to first,
+        else a shuffle seed."""
+        if shuffle_seed < 0 or (reverse and shuffle_seed):
+            raise ValueError('expected reverse or a shuffle_seed > 0, got '
+                             f'reverse={reverse}, '
+                             f'shuffle_seed={shuffle_seed}')
+        return -1 if reverse else shuffle_seed
 
     @staticmethod
     def _sizes(value: Tensor, sampling_locations: Tensor):
@@ -138,7 +189,8 @@ class EmulatedKernels:
                 sampling_locations: Tensor,
                 attention_weights: Tensor,
                 max_blocks: int = 0,
-                reverse: bool = False) -> Tuple[Tensor, int]:
+                reverse: bool = False,
+                shuffle_seed: int = 0) -> Tuple[Tensor, int]:
         """Returns the output (bs, nq, nh * hd) and the channels per thread.
         """
         inputs = [
@@ -147,15 +199,16 @@ class EmulatedKernels:
         ]
         self._check(inputs, value)
         batch_size, _, num_heads, head_dims = value.shape
-        output = value.new_full(
+        buffer, output = _guarded(
             (batch_size, sampling_locations.shape[1], num_heads * head_dims),
-            float('nan'))
+            value.dtype, float('nan'))
         width = ctypes.c_int(0)
         self._call(self._library.emulate_forward, DTYPE_CODES[value.dtype],
                    *map(_pointer, inputs), _pointer(output),
                    self._sizes(value, sampling_locations), max_blocks,
-                   int(reverse), ctypes.byref(width))
-        return output, width.value
+                   self._order(reverse, shuffle_seed), ctypes.byref(width))
+        _check_guards(buffer, 'output')
+        return output.clone(), width.value
 
     def backward(
             self,
@@ -166,7 +219,8 @@ class EmulatedKernels:
             sampling_locations: Tensor,
             attention_weights: Tensor,
             max_blocks: int = 0,
-            reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+            reverse: bool = False,
+            shuffle_seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, int, int]:
         """Returns the gradients of value, sampling_locations and
         attention_weights, the channels per lane and the lanes per query
         head."""
@@ -175,19 +229,30 @@ class EmulatedKernels:
             sampling_locations, attention_weights
         ]
         self._check(inputs, value)
-        # The launcher's allocation: grad_value zeroed (it is scattered into
-        # with atomics), the other two written once per sample.
-        grad_value = torch.zeros_like(value)
-        grad_locations = torch.full_like(sampling_locations, float('nan'))
-        grad_weights = torch.full_like(attention_weights, float('nan'))
+        # The launcher's allocation: grad_value accumulated in a zeroed
+        # buffer (it is scattered into with atomics) of the op-math dtype,
+        # float32 for half types, rounded to value's dtype at the end; the
+        # other two written once per sample.
+        value_buffer, grad_value = _guarded(
+            tuple(value.shape), OPMATH_DTYPES[value.dtype], 0.0)
+        locations_buffer, grad_locations = _guarded(
+            tuple(sampling_locations.shape), sampling_locations.dtype,
+            float('nan'))
+        weights_buffer, grad_weights = _guarded(
+            tuple(attention_weights.shape), attention_weights.dtype,
+            float('nan'))
         width, group_size = ctypes.c_int(0), ctypes.c_int(0)
         self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
                    *map(_pointer, inputs), _pointer(grad_value),
                    _pointer(grad_locations), _pointer(grad_weights),
                    self._sizes(value, sampling_locations), max_blocks,
-                   int(reverse), ctypes.byref(width), ctypes.byref(group_size))
-        return (grad_value, grad_locations, grad_weights, width.value,
-                group_size.value)
+                   self._order(reverse, shuffle_seed), ctypes.byref(width),
+                   ctypes.byref(group_size))
+        _check_guards(value_buffer, 'grad_value')
+        _check_guards(locations_buffer, 'grad_sampling_locations')
+        _check_guards(weights_buffer, 'grad_attention_weights')
+        return (grad_value.to(value.dtype), grad_locations.clone(),
+                grad_weights.clone(), width.value, group_size.value)
 
     def divergent_shuffle_probe(self):
         """Runs a kernel with a divergent full-mask shuffle.

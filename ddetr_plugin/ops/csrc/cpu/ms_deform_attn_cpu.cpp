@@ -260,9 +260,12 @@ backward_sample(const BilinearSample<scalar_t> &sample, scalar_t weight,
 
 // Backward for one task: the levels [level_begin, level_end) of one head of
 // one image. Tasks own disjoint slices of grad_value (those levels' keys of
-// that head of that image), so they run in parallel without atomics or
-// per-thread copies of grad_value; their location and weight gradients are
-// disjoint as well. Within a task the queries are walked in order and, for
+// that head of that image, when the levels tile the keys; otherwise each
+// task holds all the levels of its head), so they run in parallel without
+// atomics or per-thread copies of grad_value; their location and weight
+// gradients are disjoint as well. zero_slice: the task zeroes its levels'
+// keys first (only when the levels tile the keys: overlapping levels would
+// zero each other's sums). Within a task the queries are walked in order and, for
 // each, its levels and points, so the grad_output row and the locations and
 // weights of a (query, head) are read once, from consecutive memory.
 // (Staging and prefetching samples as the forward does made this loop
@@ -270,7 +273,7 @@ backward_sample(const BilinearSample<scalar_t> &sample, scalar_t weight,
 template <typename scalar_t>
 DDETR_CPU_CLONES void backward_task(
     int64_t batch, int64_t head, int64_t level_begin, int64_t level_end,
-    const scalar_t *grad_output, const scalar_t *value,
+    bool zero_slice, const scalar_t *grad_output, const scalar_t *value,
     const int64_t *spatial_shapes, const int64_t *level_start_index,
     const scalar_t *locations, const scalar_t *attention_weights,
     const scalar_t *zeros, scalar_t *scratch, scalar_t *grad_value,
@@ -283,7 +286,8 @@ DDETR_CPU_CLONES void backward_task(
   // The task zeroes its own slice of grad_value: no separate pass over the
   // whole tensor, and the pages are first touched by the thread that
   // accumulates into them.
-  for (int64_t level = level_begin; level < level_end; ++level) {
+  for (int64_t level = level_begin; zero_slice && level < level_end;
+       ++level) {
     const int64_t level_start = level_start_index[level];
     const int64_t level_size = spatial_shapes[2 * level] *
                                spatial_shapes[2 * level + 1];
@@ -391,8 +395,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_value = at::empty_like(value);
   at::Tensor grad_locations = at::empty_like(sampling_locations);
   at::Tensor grad_weights = at::empty_like(attention_weights);
-  if (!levels_tile_keys(spatial_shapes, level_start_index, num_keys)) {
-    // Keys outside every level get no gradient and no zeroing pass.
+  const bool tiled =
+      levels_tile_keys(spatial_shapes, level_start_index, num_keys);
+  if (!tiled) {
+    // Keys outside every level get no gradient and no zeroing pass, and
+    // keys in several levels gather from all of them.
     grad_value.zero_();
   }
   if (grad_weights.numel() == 0) {
@@ -417,11 +424,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
         // One task per (image, head) when that keeps every thread busy;
         // otherwise the levels are split too, at the cost of reading each
         // grad_output row once per level group.
+        // Levels that do not tile the keys may overlap: then one task holds
+        // all the levels of its head, so no two tasks write the same keys.
         const int64_t num_pairs = batch_size * num_heads;
-        const int64_t num_groups = std::min<int64_t>(
-            num_levels,
-            (at::get_num_threads() + num_pairs - 1) / std::max<int64_t>(
-                                                          num_pairs, 1));
+        const int64_t num_groups =
+            !tiled ? 1
+                   : std::min<int64_t>(
+                         num_levels,
+                         (at::get_num_threads() + num_pairs - 1) /
+                             std::max<int64_t>(num_pairs, 1));
         const int64_t levels_per_group =
             (num_levels + num_groups - 1) / num_groups;
         at::parallel_for(
@@ -435,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                 const int64_t level_end =
                     std::min(level_begin + levels_per_group, num_levels);
                 backward_task<scalar_t>(
-                    batch, head, level_begin, level_end, grad_data,
+                    batch, head, level_begin, level_end, tiled, grad_data,
                     value_data, shapes, starts, locations, weights,
                     zeros.data(), scratch.data(), grad_value_data,
                     grad_locations_data, grad_weights_data, num_keys,

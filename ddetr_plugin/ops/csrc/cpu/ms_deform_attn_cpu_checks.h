@@ -68,20 +68,26 @@ inline void check_cpu_inputs(const at::Tensor &value,
                 tensor->device());
   }
   // The kernels index the value with these sizes: a level reaching past
-  // the keys would read (and its gradient write) out of bounds.
+  // the keys would read (and its gradient write) out of bounds. Written so
+  // that no sum or product overflows, whatever the table holds.
   const int64_t *shapes = spatial_shapes.const_data_ptr<int64_t>();
   const int64_t *starts = level_start_index.const_data_ptr<int64_t>();
+  const int64_t num_keys = value.size(1);
   for (int64_t level = 0; level < spatial_shapes.size(0); ++level) {
     const int64_t height = shapes[2 * level], width = shapes[2 * level + 1];
-    TORCH_CHECK(height >= 0 && width >= 0 && starts[level] >= 0 &&
-                    starts[level] + height * width <= value.size(1),
+    const int64_t start = starts[level];
+    const bool fits = height >= 0 && width >= 0 && start >= 0 &&
+                      start <= num_keys &&
+                      (height == 0 || width <= (num_keys - start) / height);
+    TORCH_CHECK(fits,
                 "ms_deform_attn: level ", level, " of size (", height, ", ",
                 width, ") starting at key ", starts[level],
                 " does not fit in the ", value.size(1), " keys of value");
   }
 }
 
-// Whether the levels cover every key of the value exactly once, in order.
+// Whether the levels cover every key of the value exactly once, in order
+// (the inputs having passed check_cpu_inputs, so every level fits).
 inline bool levels_tile_keys(const at::Tensor &spatial_shapes,
                              const at::Tensor &level_start_index,
                              int64_t num_keys) {

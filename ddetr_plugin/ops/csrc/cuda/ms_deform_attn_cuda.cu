@@ -3,6 +3,7 @@
 // ddetr_plugin::ms_deform_attn_forward / _backward schemas, which are defined
 // in ../ms_deform_attn.cpp. The kernels are in ms_deform_attn_kernels.cuh.
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include <ATen/Dispatch.h>
@@ -10,10 +11,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "ms_deform_attn_kernels.cuh"
@@ -37,7 +39,9 @@ void check_input(const at::Tensor& tensor, const char* name, int64_t dims,
 // Checks everything the kernels rely on that can be checked without reading
 // device memory, and returns the problem size. That the levels described by
 // spatial_shapes and level_start_index fit in value's keys needs their
-// values; the Python front checks it on the host.
+// values: the Python front checks it, and the kernels skip any level that
+// does not fit (level_fits), so no table reads or writes outside the
+// tensors.
 ProblemSize check_inputs(const at::Tensor& value,
                          const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index,
@@ -182,7 +186,7 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
                      const at::Tensor& level_start_index,
                      const at::Tensor& sampling_locations,
                      const at::Tensor& attention_weights,
-                     at::Tensor& grad_value,
+                     at::Tensor& grad_value_accumulator,
                      at::Tensor& grad_sampling_locations,
                      at::Tensor& grad_attention_weights,
                      const ProblemSize& size, cudaStream_t stream) {
@@ -198,7 +202,7 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
           level_start_index.const_data_ptr<int64_t>(),
           sampling_locations.const_data_ptr<opmath_t>(),
           attention_weights.const_data_ptr<opmath_t>(),
-          grad_value.mutable_data_ptr<scalar_t>(),
+          grad_value_accumulator.mutable_data_ptr<opmath_t>(),
           grad_sampling_locations.mutable_data_ptr<opmath_t>(),
           grad_attention_weights.mutable_data_ptr<opmath_t>(), size,
           group_size);
@@ -224,43 +228,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
               " and dtype ", grad_output.scalar_type());
   const c10::cuda::CUDAGuard device_guard(value.device());
 
-  // grad_value is scattered into with atomics, so it starts at zero; the
-  // other two gradients are written once per sample by the kernel.
-  at::Tensor grad_value = at::zeros_like(value);
+  // grad_value is scattered into with atomics, so it starts at zero, and in
+  // opmath_t: half and bfloat16 gradients are summed in a float32 buffer and
+  // rounded once at the end (see the backward kernel). The other two
+  // gradients are written once per sample by the kernel.
+  const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
+  at::Tensor grad_value_accumulator =
+      at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
   at::Tensor grad_sampling_locations = at::empty_like(sampling_locations);
   at::Tensor grad_attention_weights = at::empty_like(attention_weights);
+  const auto results = [&] {
+    return std::make_tuple(grad_value_accumulator.to(value.scalar_type()),
+                           grad_sampling_locations, grad_attention_weights);
+  };
   if (grad_attention_weights.numel() == 0) {
-    return {grad_value, grad_sampling_locations, grad_attention_weights};
+    return results();
   }
   if (size.head_dims == 0) {
     // Sums over zero channels.
     grad_sampling_locations.zero_();
     grad_attention_weights.zero_();
-    return {grad_value, grad_sampling_locations, grad_attention_weights};
+    return results();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(),
       "ms_deform_attn_backward_cuda", [&] {
         const int width = backward_pack_width(
-            size.head_dims, sizeof(scalar_t), grad_output.const_data_ptr(),
-            value.const_data_ptr(), grad_value.const_data_ptr());
+            size.head_dims, sizeof(scalar_t),
+            sizeof(at::opmath_type<scalar_t>), grad_output.const_data_ptr(),
+            value.const_data_ptr(), grad_value_accumulator.const_data_ptr());
         if (width == 2) {
           launch_backward<scalar_t, 2>(
               grad_output, value, spatial_shapes, level_start_index,
-              sampling_locations, attention_weights, grad_value,
+              sampling_locations, attention_weights, grad_value_accumulator,
               grad_sampling_locations, grad_attention_weights, size, stream);
         } else {
           launch_backward<scalar_t, 1>(
               grad_output, value, spatial_shapes, level_start_index,
-              sampling_locations, attention_weights, grad_value,
+              sampling_locations, attention_weights, grad_value_accumulator,
               grad_sampling_locations, grad_attention_weights, size, stream);
         }
       });
-  return {grad_value, grad_sampling_locations, grad_attention_weights};
+  // A no-op for float and double, one rounding for half and bfloat16.
+  return results();
 }
 
 }  // namespace
+
+#define DDETR_CUDA_STRING(...) #__VA_ARGS__
+#define DDETR_CUDA_EXPAND_STRING(...) DDETR_CUDA_STRING(__VA_ARGS__)
+
+std::string cuda_version() {
+  return std::to_string(CUDART_VERSION / 1000) + "." +
+         std::to_string(CUDART_VERSION % 1000 / 10);
+}
+
+std::string cuda_architectures() {
+#ifdef __CUDA_ARCH_LIST__
+  // nvcc (11.5 and later) lists the virtual architectures it compiles for,
+  // e.g. 800,900.
+  return DDETR_CUDA_EXPAND_STRING(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
+}
+
 }  // namespace cuda
 }  // namespace ddetr_plugin
 

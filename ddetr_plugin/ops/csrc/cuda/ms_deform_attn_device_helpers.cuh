@@ -7,14 +7,12 @@
 //             (double, float, c10::Half or c10::BFloat16).
 //   opmath_t  at::opmath_type<scalar_t>: float for float, half and bfloat16,
 //             double for double. Sampling locations, attention weights, all
-//             coordinates and every accumulation use it, so half-precision
-//             inputs never accumulate in half precision.
+//             coordinates and every accumulation use it, grad_value's
+//             atomics included, so half-precision inputs never accumulate in
+//             half precision.
 #pragma once
 
 #include <cstdint>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -140,36 +138,23 @@ __device__ __forceinline__ void corner_weight_derivatives(
   by_x[3] = corners.fraction_y;
 }
 
-// Scalar atomic add of an opmath_t contribution into a scalar_t gradient.
-// Half and bfloat16 use the native CUDA atomics on their own storage: the
-// gradient tensor is the only buffer allowed, so there is no float32 copy
-// to accumulate into (see the backward kernel for the precision note).
-__device__ __forceinline__ void atomic_add_scalar(double* address,
-                                                  double addend) {
-  atomicAdd(address, addend);
+// Whether a level of height x width keys starting at key `start` lies inside
+// the num_keys keys of the value. The op's Python front checks the level
+// table on the host; this guards direct calls of torch.ops.ddetr_plugin.*,
+// whose table the launcher cannot read without a device-to-host sync. Written
+// so that no product can overflow, whatever the table holds.
+__device__ __forceinline__ bool level_fits(int64_t height, int64_t width,
+                                           int64_t start, int64_t num_keys) {
+  if (height < 0 || width < 0 || start < 0 || start > num_keys) {
+    return false;
+  }
+  return height == 0 || width <= (num_keys - start) / height;
 }
 
-__device__ __forceinline__ void atomic_add_scalar(float* address,
-                                                  float addend) {
-  atomicAdd(address, addend);
-}
-
-__device__ __forceinline__ void atomic_add_scalar(c10::Half* address,
-                                                  float addend) {
-  atomicAdd(reinterpret_cast<__half*>(address), __float2half_rn(addend));
-}
-
-__device__ __forceinline__ void atomic_add_scalar(c10::BFloat16* address,
-                                                  float addend) {
-  atomicAdd(reinterpret_cast<__nv_bfloat16*>(address),
-            __float2bfloat16_rn(addend));
-}
-
-// Atomic add of two neighbouring channels at a 2-element-aligned address.
-// For half and bfloat16 this is one 32-bit packed atomic instead of two
-// 16-bit ones (the same idea as ATen's fastAtomicAdd, with the alignment
-// guaranteed by the launcher instead of tested per call). Float uses the
-// vector atomic that Hopper (sm_90) provides, two scalar atomics elsewhere.
+// Atomic adds into grad_value, which is always opmath_t (float for half and
+// bfloat16: the launcher accumulates into a float32 buffer and rounds it to
+// the value's dtype once, after the kernel). Float pairs use the vector
+// atomic that Hopper (sm_90) provides, two scalar atomics elsewhere.
 __device__ __forceinline__ void atomic_add_pair(double* address,
                                                 double first, double second) {
   atomicAdd(address, first);
@@ -186,28 +171,16 @@ __device__ __forceinline__ void atomic_add_pair(float* address, float first,
 #endif
 }
 
-__device__ __forceinline__ void atomic_add_pair(c10::Half* address,
-                                                float first, float second) {
-  atomicAdd(reinterpret_cast<__half2*>(address),
-            __floats2half2_rn(first, second));
-}
-
-__device__ __forceinline__ void atomic_add_pair(c10::BFloat16* address,
-                                                float first, float second) {
-  atomicAdd(reinterpret_cast<__nv_bfloat162*>(address),
-            __floats2bfloat162_rn(first, second));
-}
-
 // Adds kWidth consecutive channel contributions into grad_value.
-template <typename scalar_t, typename opmath_t, int kWidth>
+template <typename opmath_t, int kWidth>
 __device__ __forceinline__ void atomic_add_channels(
-    scalar_t* address, const opmath_t (&addends)[kWidth]) {
+    opmath_t* address, const opmath_t (&addends)[kWidth]) {
   static_assert(kWidth == 1 || kWidth == 2,
                 "grad_value atomics support 1 or 2 channels per lane");
   if constexpr (kWidth == 2) {
     atomic_add_pair(address, addends[0], addends[1]);
   } else {
-    atomic_add_scalar(address, addends[0]);
+    atomicAdd(address, addends[0]);
   }
 }
 

@@ -83,10 +83,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       sums[lane_channel] = opmath_t(0);
     }
     for (int64_t level = 0; level < size.num_levels; ++level) {
-      const int64_t height = spatial_shapes[2 * level];
-      const int64_t width = spatial_shapes[2 * level + 1];
+      // A level that does not fit in the keys reads nothing: as a 0 x 0
+      // map, all its samples are outside.
+      const int64_t start = level_start_index[level];
+      const bool fits =
+          level_fits(spatial_shapes[2 * level], spatial_shapes[2 * level + 1],
+                     start, size.num_keys);
+      const int64_t height = fits ? spatial_shapes[2 * level] : 0;
+      const int64_t width = fits ? spatial_shapes[2 * level + 1] : 0;
       const scalar_t* value_level =
-          value_head + level_start_index[level] * key_stride;
+          value_head + (fits ? start : 0) * key_stride;
       for (int64_t point = 0; point < size.num_points; ++point) {
         const int64_t sample = level * size.num_points + point;
         const BilinearCorners<opmath_t> corners = locate_corners(
@@ -134,13 +140,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // outside the map). grad_value is a scatter: the same value element is hit
 // by many queries, so it takes one atomic add per (corner, channel pack)
 // into grad_value, the one buffer zeroed beforehand. With kWidth == 2 those
-// atomics are packed pairs (half2, bfloat162, float2 on sm_90).
+// atomics are pairs (one float2 atomic on sm_90).
 //
-// Precision: everything is computed in opmath_t; for half and bfloat16,
-// grad_value itself is accumulated by the atomics in its own dtype, because
-// the op allocates nothing beyond its outputs. Each contribution is rounded
-// once, so grad_value carries roughly (number of contributions) half-ulps of
-// error; the location and weight gradients are exact opmath_t sums.
+// Precision: everything is computed in opmath_t, and grad_value is an
+// opmath_t buffer (float32 for half and bfloat16) that the launcher rounds
+// to the value's dtype once, after the kernel. Atomics in half precision
+// would round every contribution: at the R50 encoder size a key of the
+// coarsest level receives about a thousand of them, and bfloat16 gradients
+// were off by 2e-2 of their magnitude; with float32 accumulation only the
+// final rounding remains.
 //
 // Groups never straddle a warp (group_size divides 32), and the loop bound
 // is tested on the warp's first thread, so every lane of a warp runs the
@@ -155,7 +163,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         const int64_t* __restrict__ level_start_index,
         const at::opmath_type<scalar_t>* __restrict__ sampling_locations,
         const at::opmath_type<scalar_t>* __restrict__ attention_weights,
-        scalar_t* __restrict__ grad_value,
+        at::opmath_type<scalar_t>* __restrict__ grad_value,
         at::opmath_type<scalar_t>* __restrict__ grad_sampling_locations,
         at::opmath_type<scalar_t>* __restrict__ grad_attention_weights,
         const ProblemSize size, const int group_size) {
@@ -192,10 +200,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const opmath_t* weights = attention_weights + sample_offset;
 
     for (int64_t level = 0; level < size.num_levels; ++level) {
-      const int64_t height = spatial_shapes[2 * level];
-      const int64_t width = spatial_shapes[2 * level + 1];
+      // As in the forward, a level that does not fit in the keys is a 0 x 0
+      // map: its samples get zero gradients and write no grad_value.
+      const int64_t start = level_start_index[level];
+      const bool fits =
+          level_fits(spatial_shapes[2 * level], spatial_shapes[2 * level + 1],
+                     start, size.num_keys);
+      const int64_t height = fits ? spatial_shapes[2 * level] : 0;
+      const int64_t width = fits ? spatial_shapes[2 * level + 1] : 0;
       const int64_t level_offset =
-          head_offset + level_start_index[level] * key_stride;
+          head_offset + (fits ? start : 0) * key_stride;
       for (int64_t point = 0; point < size.num_points; ++point) {
         const int64_t sample = level * size.num_points + point;
         const BilinearCorners<opmath_t> corners = locate_corners(
@@ -240,8 +254,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                 partial_x += by_x[corner] * grad_times_value;
                 value_grads[lane_channel] = value_scale * grad;
               }
-              atomic_add_channels<scalar_t, opmath_t, kWidth>(
-                  grad_value + offset, value_grads);
+              atomic_add_channels<opmath_t, kWidth>(grad_value + offset,
+                                                    value_grads);
             }
           }
         }

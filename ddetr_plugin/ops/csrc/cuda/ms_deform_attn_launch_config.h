@@ -44,14 +44,17 @@ inline int forward_pack_width(int64_t head_dims, int64_t element_bytes,
 }
 
 // 2 when the backward can handle neighbouring channels in pairs (one load
-// of each and one packed atomic into grad_value), else 1.
+// of each and one pair atomic into grad_value), else 1. element_bytes is
+// the size of value's and grad_output's elements, accumulate_bytes that of
+// grad_value's (the float32 accumulation buffer for half types).
 inline int backward_pack_width(int64_t head_dims, int64_t element_bytes,
+                               int64_t accumulate_bytes,
                                const void* grad_output, const void* value,
                                const void* grad_value) {
   const int64_t pair_bytes = 2 * element_bytes;
   const bool pairs = head_dims % 2 == 0 && is_aligned(value, pair_bytes) &&
                      is_aligned(grad_output, pair_bytes) &&
-                     is_aligned(grad_value, pair_bytes);
+                     is_aligned(grad_value, 2 * accumulate_bytes);
   return pairs ? 2 : 1;
 }
 
