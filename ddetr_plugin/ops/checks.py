@@ -2,12 +2,15 @@
 
 Kernels index memory with the sizes they are given, so every disagreement
 between the inputs is caught here, before any kernel runs, with a message
-that names the argument, what was expected and what was received.
+that names the argument, what was expected and what was received. Nothing
+here reads a CUDA tensor's values at every call (``level_table.py``).
 """
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .level_table import check_level_table
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
@@ -119,35 +122,6 @@ def check_inputs(value: Tensor, spatial_shapes: Tensor,
                 'ms_deform_attn: all inputs must be on one device; value is '
                 f'on {value.device} but {name} is on {tensor.device}')
 
-    # Reading the level sizes needs their values: skipped while tracing
-    # (torch.compile, fake or meta tensors), where they are not known.
-    if torch.compiler.is_compiling() or value.device.type == 'meta':
-        return
-    _check_level_sizes(spatial_shapes, level_start_index, num_keys)
-
-
-def _check_level_sizes(spatial_shapes: Tensor, level_start_index: Tensor,
-                       num_keys: int) -> None:
-    """Check that the levels tile the ``num_keys`` keys of the value.
-
-    Args:
-        spatial_shapes (Tensor): (num_levels, 2), (h, w) per level.
-        level_start_index (Tensor): (num_levels,), offset of each level.
-        num_keys (int): number of keys of the value.
-    """
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    if any(h < 0 or w < 0 for h, w in shapes):
-        raise ValueError('ms_deform_attn: spatial_shapes must hold sizes '
-                         f'>= 0, got {shapes}')
-    sizes = [h * w for h, w in shapes]
-    if sum(sizes) != num_keys:
-        raise ValueError(
-            'ms_deform_attn: spatial_shapes must tile the keys of value: sum '
-            f'of h * w over {shapes} is {sum(sizes)} but value has '
-            f'num_keys = {num_keys}')
-    expected_starts = [sum(sizes[:level]) for level in range(len(sizes))]
-    starts = [int(start) for start in level_start_index.tolist()]
-    if starts != expected_starts:
-        raise ValueError(
-            'ms_deform_attn: level_start_index must be the offsets of the '
-            f'levels {shapes}, i.e. {expected_starts}, got {starts}')
+    # Needs the table's values: checked without waiting for the GPU, and
+    # skipped while tracing (level_table.py).
+    check_level_table(spatial_shapes, level_start_index, num_keys)

@@ -1,0 +1,127 @@
+"""The op's front reads no device tensor's values (no host sync).
+
+Without a GPU, the CPU stands in for a device: ``reading_syncs`` is patched
+to say that reading a CPU tensor waits for the device, and every way of
+reading tensor values on the host is patched to fail. The GPU half of the
+proof (``torch.cuda.set_sync_debug_mode('error')`` and CUDA-graph capture)
+is in ``test_ms_deform_attn_cuda.py``.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from ddetr_plugin.ops import level_table, ms_deform_attn
+from ddetr_plugin.ops.extension import extension_error, extension_loaded
+
+# Every Tensor method that hands values to the host.
+READ_METHODS = ('tolist', 'item', 'numpy', '__int__', '__index__', '__float__',
+                '__bool__', '__iter__')
+
+
+class ValueRead(AssertionError):
+    """A tensor's values were read on the host."""
+
+
+@pytest.fixture(name='cpu_as_device')
+def cpu_as_device_fixture(monkeypatch):
+    """Treat CPU tensors like CUDA ones: reading them would sync."""
+    monkeypatch.setattr(level_table, 'reading_syncs', lambda device: True)
+    level_table.forget_checked_tables()
+    yield
+    level_table.forget_checked_tables()
+
+
+@contextlib.contextmanager
+def no_reads():
+    """Within the block, any host read of a tensor's values raises."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in READ_METHODS:
+
+            def read(*args, _name=name, **kwargs):
+                raise ValueRead(f'Tensor.{_name} read values on the host')
+
+            patch.setattr(torch.Tensor, name, read)
+        yield
+
+
+def call_with_backward(inputs):
+    """Forward and backward; the level table is passed as it is (the same
+    tensor objects, as a model passes them to its layers)."""
+    leaves = [
+        tensor.detach().clone().requires_grad_()
+        if tensor.is_floating_point() else tensor for tensor in inputs
+    ]
+    output = ms_deform_attn(*leaves)
+    output.sum().backward()
+    return output
+
+
+def test_a_checked_table_is_not_read_again(random_inputs, cpu_as_device):
+    inputs = random_inputs()
+    expected = call_with_backward(inputs)  # checks and remembers the table
+    with no_reads():
+        output = call_with_backward(inputs)
+    torch.testing.assert_close(output, expected, atol=0, rtol=0)
+
+
+def test_no_read_while_the_host_may_not_wait(random_inputs, cpu_as_device,
+                                             monkeypatch):
+    # As during CUDA-graph capture: a new table is checked on the device.
+    monkeypatch.setattr(level_table, 'host_may_wait', lambda device: False)
+    inputs = random_inputs()
+    with no_reads():
+        call_with_backward(inputs)
+
+
+def test_the_device_check_catches_a_bad_table(random_inputs, cpu_as_device,
+                                              monkeypatch):
+    monkeypatch.setattr(level_table, 'host_may_wait', lambda device: False)
+    inputs = random_inputs()
+    inputs[2] = torch.tensor([0, 16, 15])  # 15 and 16 swapped
+    # On the CPU the device-side assertion raises at once.
+    with pytest.raises(RuntimeError, match='do not tile the 20 keys'):
+        ms_deform_attn(*inputs)
+
+
+def test_a_table_changed_in_place_is_checked_again(random_inputs,
+                                                   cpu_as_device):
+    inputs = random_inputs()
+    ms_deform_attn(*inputs)
+    inputs[2][1:] = torch.tensor([16, 15])
+    with pytest.raises(ValueError, match='level_start_index must be'):
+        ms_deform_attn(*inputs)
+
+
+def test_a_new_value_size_is_checked_again(random_inputs, cpu_as_device):
+    inputs = random_inputs()
+    ms_deform_attn(*inputs)
+    inputs[0] = inputs[0][:, :-1]
+    with pytest.raises(ValueError, match='num_keys = 19'):
+        ms_deform_attn(*inputs)
+
+
+@pytest.mark.skipif(
+    not extension_loaded(),
+    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+def test_fake_cuda_tensors_are_not_read(random_inputs, monkeypatch):
+    # Fake tensors on a CUDA device exist without a GPU; the front must
+    # reach the op's fake kernel without reading any of them. (Forward
+    # only: the autograd engine needs a real CUDA build for CUDA tensors.)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    front = pytest.importorskip('ddetr_plugin.ops.ms_deform_attn')
+    monkeypatch.setattr(front, 'kernel_device_types',
+                        lambda: frozenset({'cpu', 'cuda', 'meta'}))
+    shapes = [tensor.shape for tensor in random_inputs(dtype=torch.float32)]
+    with FakeTensorMode(), no_reads():
+        value, locations, weights = [
+            torch.randn(shapes[index], device='cuda') for index in (0, 3, 4)
+        ]
+        spatial_shapes = torch.empty(
+            shapes[1], dtype=torch.int64, device='cuda')
+        level_start_index = torch.empty(
+            shapes[2], dtype=torch.int64, device='cuda')
+        output = ms_deform_attn(value, spatial_shapes, level_start_index,
+                                locations, weights)
+        assert output.device.type == 'cuda'
+        assert output.shape == (2, 3, 8)
