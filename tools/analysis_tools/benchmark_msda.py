@@ -1,58 +1,55 @@
-"""Benchmark the plugin's multi-scale deformable attention against mmcv's.
+"""Benchmark the plugin's multi-scale deformable attention against baselines.
 
 Shapes are those of Deformable DETR R50 at 800x1333: four levels
 (100, 167), (50, 84), (25, 42), (13, 21) (22223 keys), 8 heads of 32
 channels, 4 points per level. ``encoder`` has one query per key, ``decoder``
 300 queries over the same value; each at batch 1 and 2. Locations are
 uniform in [0, 1] (no spatial locality: the hardest case for caches, for
-both implementations) and weights a softmax over levels and points.
+every implementation) and weights a softmax over levels and points.
 
-For each shape and pass (``forward``; ``forward+backward``, gradients of
-value, locations and weights) the script prints the median time of the
-plugin and of the baseline measured in the same run, the speed-up
-(baseline time / plugin time), and the peak memory of each with its ratio
-(plugin / baseline).
+For each shape, pass (``forward``; ``forward+backward``, gradients of
+value, locations and weights) and dtype the script prints one line per
+implementation measured in the same run: the median time, the plugin's
+speed-up over it (its time / the plugin's), its peak memory, and the bytes
+the pass moves at least once with the bandwidth that makes, against the
+device's copy bandwidth, which the script measures itself at the start.
 
-Baseline:
-    CPU: mmcv's ``multi_scale_deformable_attn_pytorch`` (``grid_sample``),
-    with the same number of threads as the plugin (``--threads``, default
-    2). CUDA: mmcv's compiled ``MultiScaleDeformableAttnFunction`` when
-    mmcv has its CUDA ops, else the same PyTorch function on the GPU. The
-    baseline always runs in float32; ``--dtype`` applies to the plugin.
-    Without mmcv the plugin's own reference (the same algorithm) stands in
-    and the header says so.
+Baselines (``--baselines``; each runs in the plugin's dtype where it can):
+    mmcv-pytorch: mmcv's ``multi_scale_deformable_attn_pytorch``
+        (``grid_sample``), the CPU default.
+    mmcv-cuda: mmcv 2.1.0's compiled CUDA kernel, from mmcv's ops or, with
+        ``--mmcv-library``, from the library ``tools/misc/gpu_check.sh``
+        compiles out of mmcv's sources (fp32 and fp16 only).
+    deformops-triton, deformops-eager: ``deformops.registry.msda`` with
+        that backend (deformops 3.0.1, Python >= 3.12).
+A baseline that cannot run (not installed, no kernel for the dtype) is
+printed as missing, with the reason: nothing stands in for it.
 
 Peak memory:
-    CPU: PyTorch's CPU allocator reports every tensor allocation and free
-    to the profiler; the pass is run once more under
-    ``torch.profiler.profile(profile_memory=True)`` and the peak is the
-    largest "Total Allocated" of the trace's memory events, i.e. the most
-    bytes held at once by tensors created during the pass (inputs, which
-    both share, are excluded; kernel-internal ``std::vector`` scratch of the
-    plugin, a few head_dims-sized rows per thread, is not seen). CUDA:
-    ``torch.cuda.max_memory_allocated`` above the memory held before the
-    pass.
+    CPU: the pass is run once more under ``torch.profiler`` with
+    ``profile_memory=True``; the peak is the largest "Total Allocated" of
+    its memory events above the start, i.e. the most bytes held at once by
+    tensors created during the pass (inputs excluded). CUDA:
+    ``torch.cuda.max_memory_allocated`` above the memory held before.
 
-Achieved bandwidth (CUDA only):
-    bytes moved at least once, divided by the time: forward reads the value
-    and the locations and weights and writes the output; backward reads the
-    output gradient, the value, locations and weights and writes the three
-    gradients. Value rows gathered several times are counted once, so this
-    is a lower bound on the traffic; compare it with ``--peak-gbps`` (the
-    device's DRAM bandwidth, e.g. 3350 for an H100 SXM).
+Bytes moved: forward reads the value, the locations and weights and writes
+the output; backward also reads the output gradient, the value, locations
+and weights and writes the three gradients. Value rows gathered several
+times are counted once, so this is a lower bound on the traffic.
 
 Example:
     python tools/analysis_tools/benchmark_msda.py --threads 2
     python tools/analysis_tools/benchmark_msda.py --device cuda \
-        --dtype fp16 --peak-gbps 3350
+        --dtypes fp32 fp16 bf16 --baselines mmcv-cuda deformops-triton
 """
 import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -70,27 +67,36 @@ DTYPES = {
     'fp16': torch.float16,
     'bf16': torch.bfloat16,
 }
+BASELINES = ('mmcv-pytorch', 'mmcv-cuda', 'deformops-triton',
+             'deformops-eager')
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument(
-        '--dtype',
-        default='fp32',
-        choices=sorted(DTYPES),
-        help='dtype of the plugin\'s value (the baseline runs in fp32)')
+        '--dtypes',
+        nargs='+',
+        default=['fp32'],
+        choices=list(DTYPES),
+        help='dtypes of the value (the plugin and every baseline)')
+    parser.add_argument(
+        '--baselines',
+        nargs='+',
+        default=None,
+        choices=BASELINES,
+        help='default: mmcv-pytorch on cpu; mmcv-cuda, deformops-triton '
+        'on cuda')
+    parser.add_argument(
+        '--mmcv-library',
+        default=None,
+        help='library registering torch.ops.mmcv_msda (built by '
+        'tools/misc/gpu_check/build_mmcv_msda.py)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument(
         '--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument('--repeat', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument(
-        '--peak-gbps',
-        type=float,
-        default=None,
-        help='DRAM bandwidth of the GPU in GB/s, to print the fraction '
-        'achieved')
     parser.add_argument(
         '--json', default=None, help='also write the rows to this file')
     return parser.parse_args()
@@ -136,35 +142,132 @@ def make_inputs(batch_size: int,
     ]
 
 
-def load_baseline(device: str) -> Tuple[str, Callable]:
-    """(description, function with the plugin's signature)."""
+class Baseline(NamedTuple):
+    """A baseline: ``function`` has the plugin's signature and takes its
+    inputs; None with ``missing`` saying why it cannot run."""
+    name: str
+    function: Optional[Callable]
+    missing: Optional[str]
+    dtypes: Tuple[torch.dtype, ...] = tuple(DTYPES.values())
+
+
+def load_mmcv_pytorch() -> Baseline:
     try:
-        from mmcv.ops import multi_scale_deform_attn as mmcv_msda
-    except Exception as error:  # mmcv missing or its ops not built
-        from ddetr_plugin.ops import ms_deform_attn_reference
-        return (f'ddetr_plugin reference (mmcv unavailable: {error})',
-                ms_deform_attn_reference)
-    if device == 'cuda':
+        from mmcv.ops.multi_scale_deform_attn import \
+            multi_scale_deformable_attn_pytorch
+    except Exception as error:  # mmcv missing or broken
+        return Baseline('mmcv-pytorch', None, f'mmcv not importable: {error}')
+
+    def function(value, spatial_shapes, level_start_index, locations, weights):
+        # grid_sample needs one dtype for the value and the grid.
+        return multi_scale_deformable_attn_pytorch(value, spatial_shapes,
+                                                   locations.to(value.dtype),
+                                                   weights.to(value.dtype))
+
+    return Baseline('mmcv-pytorch', function, None)
+
+
+def load_mmcv_cuda(library: Optional[str]) -> Baseline:
+    """mmcv's CUDA kernel, from --mmcv-library or from mmcv's own ops."""
+    name, half_types = 'mmcv-cuda', (torch.float32, torch.float16)
+    if library is not None:
         try:
-            from mmcv.utils import ext_loader
-            ext_loader.load_ext('_ext', ['ms_deform_attn_forward'])
-            function = mmcv_msda.MultiScaleDeformableAttnFunction
+            torch.ops.load_library(library)
+            operators = torch.ops.mmcv_msda
+        except Exception as error:  # the build failed or is stale
+            return Baseline(name, None, f'cannot load {library}: {error}')
 
-            def mmcv_cuda(value, spatial_shapes, level_start_index, locations,
-                          weights):
-                return function.apply(value, spatial_shapes, level_start_index,
-                                      locations, weights, 64)
-
-            return 'mmcv MultiScaleDeformableAttnFunction (CUDA)', mmcv_cuda
-        except Exception:  # mmcv built without CUDA ops
-            pass
-
-    def mmcv_pytorch(value, spatial_shapes, level_start_index, locations,
+        def function(value, spatial_shapes, level_start_index, locations,
                      weights):
-        return mmcv_msda.multi_scale_deformable_attn_pytorch(
-            value, spatial_shapes, locations, weights)
+            return _MmcvFunction.apply(operators, value, spatial_shapes,
+                                       level_start_index,
+                                       locations.to(value.dtype),
+                                       weights.to(value.dtype))
 
-    return 'mmcv multi_scale_deformable_attn_pytorch', mmcv_pytorch
+        return Baseline(name, function, None, half_types)
+    try:
+        from mmcv.ops.multi_scale_deform_attn import \
+            MultiScaleDeformableAttnFunction
+        from mmcv.utils import ext_loader
+        ext_loader.load_ext('_ext', ['ms_deform_attn_forward'])
+    except Exception as error:  # mmcv missing or built without CUDA ops
+        return Baseline(
+            name, None, f'mmcv\'s CUDA ops not available ({error}); pass '
+            '--mmcv-library')
+
+    def mmcv_function(value, spatial_shapes, level_start_index, locations,
+                      weights):
+        return MultiScaleDeformableAttnFunction.apply(
+            value, spatial_shapes, level_start_index,
+            locations.to(value.dtype), weights.to(value.dtype), value.shape[0])
+
+    return Baseline(name, mmcv_function, None, half_types)
+
+
+class _MmcvFunction(torch.autograd.Function):
+    """Autograd around torch.ops.mmcv_msda (im2col_step = batch size)."""
+
+    @staticmethod
+    def forward(ctx, operators, value, spatial_shapes, level_start_index,
+                locations, weights):
+        ctx.operators = operators
+        ctx.save_for_backward(value, spatial_shapes, level_start_index,
+                              locations, weights)
+        return operators.forward(value, spatial_shapes, level_start_index,
+                                 locations, weights, value.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs = ctx.saved_tensors
+        grads = ctx.operators.backward(*inputs, grad_output,
+                                       inputs[0].shape[0])
+        return (None, grads[0], None, None, grads[1], grads[2])
+
+
+def load_deformops(backend_name: str) -> Baseline:
+    name = f'deformops-{backend_name}'
+    if sys.version_info < (3, 12):
+        return Baseline(
+            name, None, 'deformops 3.0.1 needs Python >= 3.12, this is '
+            f'{sys.version.split()[0]}')
+    try:
+        from deformops.registry import Backend, msda
+        backend = getattr(Backend, backend_name.upper())
+    except Exception as error:  # not installed, or Python < 3.12
+        return Baseline(name, None, f'deformops not importable: {error!r}')
+
+    def function(value, spatial_shapes, level_start_index, locations, weights):
+        # deformops reads the weights in the value's dtype.
+        return msda(
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations,
+            weights.to(value.dtype),
+            backend=backend).flatten(2)
+
+    return Baseline(name, function, None)
+
+
+def load_baselines(names: List[str], library: Optional[str]) -> List:
+    loaders = {
+        'mmcv-pytorch': load_mmcv_pytorch,
+        'mmcv-cuda': lambda: load_mmcv_cuda(library),
+        'deformops-triton': lambda: load_deformops('triton'),
+        'deformops-eager': lambda: load_deformops('eager'),
+    }
+    return [loaders[name]() for name in names]
+
+
+def copy_gbps(device: str) -> float:
+    """Bandwidth of a plain copy of 512 MiB (64 MiB on a CPU) on the
+    device, read plus write, in GB/s."""
+    mebibytes = 512 if device == 'cuda' else 64
+    source = torch.empty(mebibytes << 18, device=device)  # float32
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), lambda: None,
+                             device, 2, 5)
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
 
 
 def make_pass(function: Callable, inputs: List[Tensor],
@@ -266,6 +369,14 @@ def moved_bytes(inputs: List[Tensor], backward: bool) -> int:
     return forward + output + 2 * value_bytes + 2 * samples
 
 
+def measure(function: Callable, inputs: List[Tensor], backward: bool,
+            args: argparse.Namespace) -> Dict:
+    run, reset = make_pass(function, inputs, backward)
+    seconds = median_seconds(run, reset, args.device, args.warmup, args.repeat)
+    return dict(
+        ms=seconds * 1e3, mib=peak_bytes(run, reset, args.device) / 2**20)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -273,61 +384,72 @@ def main() -> None:
         raise SystemExit('--device cuda given but torch sees no CUDA device')
     from ddetr_plugin.ops import (extension_error, extension_loaded,
                                   ms_deform_attn)
-    baseline_name, baseline = load_baseline(args.device)
+    from ddetr_plugin.ops.extension import kernel_device_types
+    names = args.baselines or (['mmcv-pytorch'] if args.device == 'cpu' else
+                               ['mmcv-cuda', 'deformops-triton'])
+    baselines = load_baselines(names, args.mmcv_library)
     print(f'torch {torch.__version__}, device {args.device}, '
-          f'threads {torch.get_num_threads()}, plugin dtype {args.dtype}')
+          f'threads {torch.get_num_threads()}')
     if args.device == 'cuda':
         print(f'GPU: {torch.cuda.get_device_name()}')
-    print(f'plugin: ddetr_plugin.ops.ms_deform_attn (compiled extension '
-          f'loaded: {extension_loaded()}'
-          f'{"" if extension_loaded() else ", " + str(extension_error())})')
-    print(f'baseline: {baseline_name}, fp32')
-    header = (f'{"shape":<12} {"pass":<17} {"plugin ms":>10} '
-              f'{"baseline ms":>12} {"speed-up":>9} {"plugin MiB":>11} '
-              f'{"baseline MiB":>13} {"mem ratio":>10}')
-    if args.device == 'cuda':
-        header += f' {"GB/s":>8}'
-        if args.peak_gbps:
-            header += f' {"% peak":>7}'
-    print(header)
+    compiled = extension_loaded() and args.device in kernel_device_types()
+    print('plugin: ddetr_plugin.ops.ms_deform_attn ('
+          f'{"compiled kernel" if compiled else "NO compiled kernel: "}'
+          f'{"" if extension_loaded() else extension_error()})')
+    for baseline in baselines:
+        state = 'MISSING: ' + baseline.missing if baseline.missing else 'ok'
+        print(f'baseline {baseline.name}: {state}')
+    bandwidth = copy_gbps(args.device)
+    print(f'copy bandwidth (measured): {bandwidth:.1f} GB/s')
+    print(f'{"shape":<12} {"pass":<17} {"dtype":<5} {"implementation":<17} '
+          f'{"ms":>9} {"speed-up":>9} {"MiB peak":>9} {"MB moved":>9} '
+          f'{"GB/s":>8} {"% copy":>7}')
     rows: List[Dict] = []
     for shape in args.shapes:
-        batch_size, num_queries = SHAPES[shape]
-        plugin_inputs = make_inputs(batch_size, num_queries,
-                                    DTYPES[args.dtype], args.device)
-        baseline_inputs = make_inputs(batch_size, num_queries, torch.float32,
-                                      args.device)
-        for backward in (False, True):
-            plugin_pass = make_pass(ms_deform_attn, plugin_inputs, backward)
-            baseline_pass = make_pass(baseline, baseline_inputs, backward)
-            plugin_time = median_seconds(*plugin_pass, args.device,
-                                         args.warmup, args.repeat)
-            baseline_time = median_seconds(*baseline_pass, args.device,
-                                           args.warmup, args.repeat)
-            plugin_peak = peak_bytes(*plugin_pass, args.device)
-            baseline_peak = peak_bytes(*baseline_pass, args.device)
-            row = dict(
-                shape=shape,
-                pass_='forward+backward' if backward else 'forward',
-                plugin_ms=plugin_time * 1e3,
-                baseline_ms=baseline_time * 1e3,
-                speed_up=baseline_time / plugin_time,
-                plugin_mib=plugin_peak / 2**20,
-                baseline_mib=baseline_peak / 2**20,
-                memory_ratio=plugin_peak / max(baseline_peak, 1))
-            line = (f'{shape:<12} {row["pass_"]:<17} '
-                    f'{row["plugin_ms"]:>10.1f} {row["baseline_ms"]:>12.1f} '
-                    f'{row["speed_up"]:>8.2f}x {row["plugin_mib"]:>11.1f} '
-                    f'{row["baseline_mib"]:>13.1f} '
-                    f'{row["memory_ratio"]:>10.3f}')
-            if args.device == 'cuda':
-                gbps = moved_bytes(plugin_inputs, backward) / plugin_time / 1e9
-                row['plugin_gbps'] = gbps
-                line += f' {gbps:>8.1f}'
-                if args.peak_gbps:
-                    line += f' {100 * gbps / args.peak_gbps:>6.1f}%'
-            print(line, flush=True)
-            rows.append(row)
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            inputs = make_inputs(*SHAPES[shape], dtype, args.device)
+            for backward in (False, True):
+                pass_name = 'forward+backward' if backward else 'forward'
+                megabytes = moved_bytes(inputs, backward) / 1e6
+                prefix = f'{shape:<12} {pass_name:<17} {dtype_name:<5}'
+                plugin = measure(ms_deform_attn, inputs, backward, args)
+                results = [('ddetr_plugin', plugin, None)]
+                for baseline in baselines:
+                    missing = baseline.missing
+                    if missing is None and dtype not in baseline.dtypes:
+                        missing = f'no {dtype_name} kernel'
+                    if missing is not None:
+                        results.append((baseline.name, None, missing))
+                        continue
+                    results.append((baseline.name,
+                                    measure(baseline.function, inputs,
+                                            backward, args), None))
+                for name, result, missing in results:
+                    row = dict(
+                        shape=shape,
+                        pass_=pass_name,
+                        dtype=dtype_name,
+                        implementation=name,
+                        mb_moved=megabytes,
+                        copy_gbps=bandwidth,
+                        missing=missing)
+                    if result is None:
+                        print(f'{prefix} {name:<17} missing ({missing})')
+                        rows.append(row)
+                        continue
+                    gbps = megabytes / result['ms']
+                    row.update(
+                        result,
+                        speed_up=result['ms'] / plugin['ms'],
+                        gbps=gbps)
+                    print(
+                        f'{prefix} {name:<17} {result["ms"]:>9.3f} '
+                        f'{row["speed_up"]:>8.2f}x {result["mib"]:>9.1f} '
+                        f'{megabytes:>9.1f} {gbps:>8.1f} '
+                        f'{100 * gbps / bandwidth:>6.1f}%',
+                        flush=True)
+                    rows.append(row)
     if args.json:
         with open(args.json, 'w') as file:
             json.dump(rows, file, indent=2)
