@@ -24,8 +24,10 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "ms_deform_attn_deterministic.cuh"
 #include "ms_deform_attn_kernels.cuh"
 
 namespace {
@@ -173,7 +175,7 @@ std::string forward(const void* value, const int64_t* spatial_shapes,
                                   output, size, options);
 }
 
-template <typename scalar_t, int kWidth>
+template <typename scalar_t, int kWidth, bool kScatterValueGrad>
 std::string run_backward(const void* grad_output, const void* value,
                          const int64_t* spatial_shapes,
                          const int64_t* level_start_index,
@@ -190,7 +192,8 @@ std::string run_backward(const void* grad_output, const void* value,
   const int64_t num_threads =
       size.batch_size * size.num_queries * size.num_heads * group_size;
   const auto kernel = [&] {
-    ddetr_plugin::cuda::ms_deform_attn_backward_kernel<scalar_t, kWidth>(
+    ddetr_plugin::cuda::ms_deform_attn_backward_kernel<scalar_t, kWidth,
+                                                       kScatterValueGrad>(
         static_cast<const scalar_t*>(grad_output),
         static_cast<const scalar_t*>(value), spatial_shapes,
         level_start_index, static_cast<const opmath_t*>(sampling_locations),
@@ -202,6 +205,8 @@ std::string run_backward(const void* grad_output, const void* value,
   return launch_for(kernel, num_threads, options);
 }
 
+// scatter_value_grad false: grad_value is left alone (may be null), as in
+// the deterministic backward.
 template <typename scalar_t>
 std::string backward(const void* grad_output, const void* value,
                      const int64_t* spatial_shapes,
@@ -210,24 +215,71 @@ std::string backward(const void* grad_output, const void* value,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
                      void* grad_attention_weights, const ProblemSize& size,
-                     const LaunchOptions& options, int* width_used,
-                     int* group_size_used) {
+                     const LaunchOptions& options, bool scatter_value_grad,
+                     int* width_used, int* group_size_used) {
   const int width = ddetr_plugin::cuda::backward_pack_width(
       size.head_dims, sizeof(scalar_t), sizeof(at::opmath_type<scalar_t>),
       grad_output, value, grad_value);
   *width_used = width;
-  if (width == 2) {
-    return run_backward<scalar_t, 2>(
+  const auto run = [&](auto width_constant, auto scatter_constant) {
+    return run_backward<scalar_t, decltype(width_constant)::value,
+                        decltype(scatter_constant)::value>(
         grad_output, value, spatial_shapes, level_start_index,
         sampling_locations, attention_weights, grad_value,
         grad_sampling_locations, grad_attention_weights, size, options,
         group_size_used);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (width == 2) {
+    return scatter_value_grad ? run(Two{}, std::true_type{})
+                              : run(Two{}, std::false_type{});
   }
-  return run_backward<scalar_t, 1>(
-      grad_output, value, spatial_shapes, level_start_index,
-      sampling_locations, attention_weights, grad_value,
-      grad_sampling_locations, grad_attention_weights, size, options,
-      group_size_used);
+  return scatter_value_grad ? run(One{}, std::true_type{})
+                            : run(One{}, std::false_type{});
+}
+
+// Step 1 of the deterministic value gradient: rows and scales of every
+// (query head, sample, corner) entry.
+template <typename scalar_t>
+std::string corner_rows(const int64_t* spatial_shapes,
+                        const int64_t* level_start_index,
+                        const void* sampling_locations,
+                        const void* attention_weights, int64_t* rows,
+                        void* scales, const ProblemSize& size,
+                        const LaunchOptions& options) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_entries = size.batch_size * size.num_queries *
+                              size.num_heads * size.num_levels *
+                              size.num_points * 4;
+  const auto kernel = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_corner_rows_kernel<opmath_t>(
+        spatial_shapes, level_start_index,
+        static_cast<const opmath_t*>(sampling_locations),
+        static_cast<const opmath_t*>(attention_weights), rows,
+        static_cast<opmath_t*>(scales), size);
+  };
+  return launch_for(kernel, num_entries, options);
+}
+
+// Step 3: the gather over the sorted entries (the caller sorts, as the
+// launcher does with at::sort and at::searchsorted).
+template <typename scalar_t>
+std::string value_grad_gather(const void* grad_output,
+                              const int64_t* row_offsets,
+                              const int64_t* order, const void* scales,
+                              void* grad_value, const ProblemSize& size,
+                              const LaunchOptions& options) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_items =
+      size.batch_size * size.num_keys * size.num_heads * size.head_dims;
+  const auto kernel = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_value_grad_gather_kernel<scalar_t>(
+        static_cast<const scalar_t*>(grad_output), row_offsets, order,
+        static_cast<const opmath_t*>(scales),
+        static_cast<scalar_t*>(grad_value), size);
+  };
+  return launch_for(kernel, num_items, options);
 }
 
 int report(const std::string& message, char* error, int64_t error_size) {
@@ -295,7 +347,8 @@ int emulate_backward(int dtype, const void* grad_output, const void* value,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
                      void* grad_attention_weights, const int64_t* sizes,
-                     int64_t max_blocks, int64_t order, int* width_used,
+                     int64_t max_blocks, int64_t order,
+                     int scatter_value_grad, int* width_used,
                      int* group_size_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
   const LaunchOptions options{max_blocks, order};
@@ -304,7 +357,44 @@ int emulate_backward(int dtype, const void* grad_output, const void* value,
         grad_output, value, spatial_shapes, level_start_index,
         sampling_locations, attention_weights, grad_value,
         grad_sampling_locations, grad_attention_weights, size, options,
-        width_used, group_size_used);
+        scatter_value_grad != 0, width_used, group_size_used);
+  });
+  return report(message, error, error_size);
+}
+
+// The deterministic value gradient's kernels (see
+// ms_deform_attn_deterministic.cuh); dtype is the value's, scales are of
+// its opmath type. Options as for emulate_forward.
+int emulate_corner_rows(int dtype, const int64_t* spatial_shapes,
+                        const int64_t* level_start_index,
+                        const void* sampling_locations,
+                        const void* attention_weights, int64_t* rows,
+                        void* scales, const int64_t* sizes,
+                        int64_t max_blocks, int64_t order, char* error,
+                        int64_t error_size) {
+  const ProblemSize size = problem_size(sizes);
+  const LaunchOptions options{max_blocks, order};
+  const std::string message = dispatch(dtype, [&](auto type) {
+    return corner_rows<decltype(type)>(spatial_shapes, level_start_index,
+                                       sampling_locations, attention_weights,
+                                       rows, scales, size, options);
+  });
+  return report(message, error, error_size);
+}
+
+int emulate_value_grad_gather(int dtype, const void* grad_output,
+                              const int64_t* row_offsets,
+                              const int64_t* sorted_entries,
+                              const void* scales, void* grad_value,
+                              const int64_t* sizes, int64_t max_blocks,
+                              int64_t order, char* error,
+                              int64_t error_size) {
+  const ProblemSize size = problem_size(sizes);
+  const LaunchOptions options{max_blocks, order};
+  const std::string message = dispatch(dtype, [&](auto type) {
+    return value_grad_gather<decltype(type)>(grad_output, row_offsets,
+                                             sorted_entries, scales,
+                                             grad_value, size, options);
   });
   return report(message, error, error_size);
 }

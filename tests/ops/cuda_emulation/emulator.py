@@ -85,7 +85,7 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
 # them, and the call raises. GUARD is a multiple of 16 elements, so outputs
 # keep the alignment of a fresh allocation (and the launcher its packing).
 GUARD = 4096
-CANARY = 1234.5
+CANARY = 1234
 
 
 def _guarded(shape: Tuple[int, ...], dtype: torch.dtype,
@@ -141,9 +141,15 @@ class EmulatedKernels:
         ]
         self._library.emulate_backward.argtypes = (
             [ctypes.c_int] + [pointer] * 9 + [
-                ctypes.POINTER(int64), int64, int64, int_pointer, int_pointer,
-                ctypes.c_char_p, int64
+                ctypes.POINTER(int64), int64, int64, ctypes.c_int, int_pointer,
+                int_pointer, ctypes.c_char_p, int64
             ])
+        self._library.emulate_corner_rows.argtypes = (
+            [ctypes.c_int] + [pointer] * 6 +
+            [ctypes.POINTER(int64), int64, int64, ctypes.c_char_p, int64])
+        self._library.emulate_value_grad_gather.argtypes = (
+            [ctypes.c_int] + [pointer] * 5 +
+            [ctypes.POINTER(int64), int64, int64, ctypes.c_char_p, int64])
 
     @staticmethod
     def _call(function, *arguments) -> None:
@@ -211,24 +217,31 @@ class EmulatedKernels:
         return output.clone(), width.value
 
     def backward(
-            self,
-            grad_output: Tensor,
-            value: Tensor,
-            spatial_shapes: Tensor,
-            level_start_index: Tensor,
-            sampling_locations: Tensor,
-            attention_weights: Tensor,
-            max_blocks: int = 0,
-            reverse: bool = False,
-            shuffle_seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, int, int]:
+        self,
+        grad_output: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+        max_blocks: int = 0,
+        reverse: bool = False,
+        shuffle_seed: int = 0,
+        deterministic: bool = False
+    ) -> Tuple[Tensor, Tensor, Tensor, int, int]:
         """Returns the gradients of value, sampling_locations and
         attention_weights, the channels per lane and the lanes per query
-        head."""
+        head. ``deterministic``: the launcher's path under
+        ``torch.use_deterministic_algorithms(True)`` (grad_value gathered,
+        no atomics)."""
         inputs = [
             grad_output, value, spatial_shapes, level_start_index,
             sampling_locations, attention_weights
         ]
         self._check(inputs, value)
+        order = self._order(reverse, shuffle_seed)
+        if deterministic:
+            return self._deterministic_backward(inputs, max_blocks, order)
         # The launcher's allocation: grad_value accumulated in a zeroed
         # buffer (it is scattered into with atomics) of the op-math dtype,
         # float32 for half types, rounded to value's dtype at the end; the
@@ -245,13 +258,59 @@ class EmulatedKernels:
         self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
                    *map(_pointer, inputs), _pointer(grad_value),
                    _pointer(grad_locations), _pointer(grad_weights),
-                   self._sizes(value, sampling_locations), max_blocks,
-                   self._order(reverse, shuffle_seed), ctypes.byref(width),
-                   ctypes.byref(group_size))
+                   self._sizes(value, sampling_locations), max_blocks, order,
+                   1, ctypes.byref(width), ctypes.byref(group_size))
         _check_guards(value_buffer, 'grad_value')
         _check_guards(locations_buffer, 'grad_sampling_locations')
         _check_guards(weights_buffer, 'grad_attention_weights')
         return (grad_value.to(value.dtype), grad_locations.clone(),
+                grad_weights.clone(), width.value, group_size.value)
+
+    def _deterministic_backward(self, inputs: List[Tensor], max_blocks: int,
+                                order: int):
+        """The launcher's deterministic path: corner rows, a stable sort
+        and searchsorted (the ATen ops the launcher calls), the gather, then
+        the backward kernel without its grad_value scatter."""
+        grad_output, value, spatial_shapes, level_start_index = inputs[:4]
+        sampling_locations, attention_weights = inputs[4:]
+        batch_size, num_keys, num_heads, _ = value.shape
+        sizes = self._sizes(value, sampling_locations)
+        num_entries = attention_weights.numel() * 4
+        rows_buffer, rows = _guarded((num_entries, ), torch.int64, -7)
+        scales_buffer, scales = _guarded((num_entries, ),
+                                         OPMATH_DTYPES[value.dtype],
+                                         float('nan'))
+        self._call(self._library.emulate_corner_rows, DTYPE_CODES[value.dtype],
+                   _pointer(spatial_shapes), _pointer(level_start_index),
+                   _pointer(sampling_locations), _pointer(attention_weights),
+                   _pointer(rows), _pointer(scales), sizes, max_blocks, order)
+        _check_guards(rows_buffer, 'rows')
+        _check_guards(scales_buffer, 'scales')
+        sorted_rows, sorted_entries = torch.sort(rows, stable=True)
+        row_offsets = torch.searchsorted(
+            sorted_rows, torch.arange(batch_size * num_keys * num_heads + 1))
+        value_buffer, grad_value = _guarded(
+            tuple(value.shape), value.dtype, float('nan'))
+        self._call(self._library.emulate_value_grad_gather,
+                   DTYPE_CODES[value.dtype], _pointer(grad_output),
+                   _pointer(row_offsets), _pointer(sorted_entries),
+                   _pointer(scales), _pointer(grad_value), sizes, max_blocks,
+                   order)
+        _check_guards(value_buffer, 'grad_value')
+        locations_buffer, grad_locations = _guarded(
+            tuple(sampling_locations.shape), sampling_locations.dtype,
+            float('nan'))
+        weights_buffer, grad_weights = _guarded(
+            tuple(attention_weights.shape), attention_weights.dtype,
+            float('nan'))
+        width, group_size = ctypes.c_int(0), ctypes.c_int(0)
+        self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
+                   *map(_pointer, inputs), None, _pointer(grad_locations),
+                   _pointer(grad_weights), sizes, max_blocks, order, 0,
+                   ctypes.byref(width), ctypes.byref(group_size))
+        _check_guards(locations_buffer, 'grad_sampling_locations')
+        _check_guards(weights_buffer, 'grad_attention_weights')
+        return (grad_value.clone(), grad_locations.clone(),
                 grad_weights.clone(), width.value, group_size.value)
 
     def divergent_shuffle_probe(self):

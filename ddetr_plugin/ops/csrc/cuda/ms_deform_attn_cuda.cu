@@ -5,12 +5,17 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +23,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "ms_deform_attn_deterministic.cuh"
 #include "ms_deform_attn_kernels.cuh"
 
 namespace ddetr_plugin {
@@ -180,13 +186,15 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value,
   return output;
 }
 
-template <typename scalar_t, int kWidth>
+// grad_value: the opmath_t accumulation buffer the kernel scatters into,
+// or null with kScatterValueGrad false (deterministic mode).
+template <typename scalar_t, int kWidth, bool kScatterValueGrad>
 void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
                      const at::Tensor& spatial_shapes,
                      const at::Tensor& level_start_index,
                      const at::Tensor& sampling_locations,
                      const at::Tensor& attention_weights,
-                     at::Tensor& grad_value_accumulator,
+                     at::opmath_type<scalar_t>* grad_value,
                      at::Tensor& grad_sampling_locations,
                      at::Tensor& grad_attention_weights,
                      const ProblemSize& size, cudaStream_t stream) {
@@ -194,18 +202,63 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
   const int group_size = backward_group_size(size.head_dims, kWidth);
   const int64_t num_threads =
       size.batch_size * size.num_queries * size.num_heads * group_size;
-  ms_deform_attn_backward_kernel<scalar_t, kWidth>
+  ms_deform_attn_backward_kernel<scalar_t, kWidth, kScatterValueGrad>
       <<<num_blocks_for(num_threads), kThreadsPerBlock, 0, stream>>>(
           grad_output.const_data_ptr<scalar_t>(),
           value.const_data_ptr<scalar_t>(),
           spatial_shapes.const_data_ptr<int64_t>(),
           level_start_index.const_data_ptr<int64_t>(),
           sampling_locations.const_data_ptr<opmath_t>(),
-          attention_weights.const_data_ptr<opmath_t>(),
-          grad_value_accumulator.mutable_data_ptr<opmath_t>(),
+          attention_weights.const_data_ptr<opmath_t>(), grad_value,
           grad_sampling_locations.mutable_data_ptr<opmath_t>(),
           grad_attention_weights.mutable_data_ptr<opmath_t>(), size,
           group_size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The deterministic value gradient (ms_deform_attn_deterministic.cuh):
+// corner rows, a stable sort by row, row segments, then one thread per
+// grad_value element summing its segment in order. Writes all of
+// grad_value, in the value's dtype.
+template <typename scalar_t>
+void value_grad_by_gather(const at::Tensor& grad_output,
+                          const at::Tensor& spatial_shapes,
+                          const at::Tensor& level_start_index,
+                          const at::Tensor& sampling_locations,
+                          const at::Tensor& attention_weights,
+                          at::Tensor& grad_value, const ProblemSize& size,
+                          cudaStream_t stream) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t num_entries = size.batch_size * size.num_queries *
+                              size.num_heads * size.num_levels *
+                              size.num_points * 4;
+  const int64_t num_rows = size.batch_size * size.num_keys * size.num_heads;
+  at::Tensor rows =
+      at::empty({num_entries}, sampling_locations.options().dtype(at::kLong));
+  at::Tensor scales = at::empty({num_entries}, sampling_locations.options());
+  ms_deform_attn_corner_rows_kernel<opmath_t>
+      <<<num_blocks_for(num_entries), kThreadsPerBlock, 0, stream>>>(
+          spatial_shapes.const_data_ptr<int64_t>(),
+          level_start_index.const_data_ptr<int64_t>(),
+          sampling_locations.const_data_ptr<opmath_t>(),
+          attention_weights.const_data_ptr<opmath_t>(),
+          rows.mutable_data_ptr<int64_t>(),
+          scales.mutable_data_ptr<opmath_t>(), size);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Stable: within a row, entries keep their increasing order, so the sum
+  // order is fixed. (Both ATen ops are deterministic on CUDA.)
+  const auto sorted = at::sort(rows, /*stable=*/true, /*dim=*/0,
+                               /*descending=*/false);
+  const at::Tensor row_offsets = at::searchsorted(
+      std::get<0>(sorted), at::arange(num_rows + 1, rows.options()));
+  const at::Tensor& order = std::get<1>(sorted);
+  ms_deform_attn_value_grad_gather_kernel<scalar_t>
+      <<<num_blocks_for(num_rows * size.head_dims), kThreadsPerBlock, 0,
+         stream>>>(grad_output.const_data_ptr<scalar_t>(),
+                   row_offsets.const_data_ptr<int64_t>(),
+                   order.const_data_ptr<int64_t>(),
+                   scales.const_data_ptr<opmath_t>(),
+                   grad_value.mutable_data_ptr<scalar_t>(), size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -228,20 +281,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
               " and dtype ", grad_output.scalar_type());
   const c10::cuda::CUDAGuard device_guard(value.device());
 
-  // grad_value is scattered into with atomics, so it starts at zero, and in
-  // opmath_t: half and bfloat16 gradients are summed in a float32 buffer and
-  // rounded once at the end (see the backward kernel). The other two
-  // gradients are written once per sample by the kernel.
+  // Under torch.use_deterministic_algorithms(True) grad_value is gathered
+  // (bitwise reproducible) and written whole in the value's dtype.
+  // Otherwise it is scattered into with atomics, so it starts at zero, and
+  // in opmath_t: half and bfloat16 gradients are summed in a float32
+  // buffer and rounded once at the end (see the backward kernel). The other
+  // two gradients are written once per sample by the backward kernel.
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
-  at::Tensor grad_value_accumulator =
-      at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
+  at::Tensor grad_value =
+      deterministic
+          ? at::empty_like(value)
+          : at::zeros(value.sizes(), value.options().dtype(opmath_dtype));
   at::Tensor grad_sampling_locations = at::empty_like(sampling_locations);
   at::Tensor grad_attention_weights = at::empty_like(attention_weights);
   const auto results = [&] {
-    return std::make_tuple(grad_value_accumulator.to(value.scalar_type()),
+    // A no-op for float and double and in deterministic mode, one rounding
+    // of the accumulation buffer for half and bfloat16.
+    return std::make_tuple(grad_value.to(value.scalar_type()),
                            grad_sampling_locations, grad_attention_weights);
   };
   if (grad_attention_weights.numel() == 0) {
+    grad_value.zero_();  // no sample: nothing to gather or scatter
     return results();
   }
   if (size.head_dims == 0) {
@@ -254,23 +315,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(),
       "ms_deform_attn_backward_cuda", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        opmath_t* accumulator =
+            deterministic ? nullptr : grad_value.mutable_data_ptr<opmath_t>();
+        if (deterministic) {
+          value_grad_by_gather<scalar_t>(grad_output, spatial_shapes,
+                                         level_start_index,
+                                         sampling_locations,
+                                         attention_weights, grad_value, size,
+                                         stream);
+        }
         const int width = backward_pack_width(
-            size.head_dims, sizeof(scalar_t),
-            sizeof(at::opmath_type<scalar_t>), grad_output.const_data_ptr(),
-            value.const_data_ptr(), grad_value_accumulator.const_data_ptr());
-        if (width == 2) {
-          launch_backward<scalar_t, 2>(
+            size.head_dims, sizeof(scalar_t), sizeof(opmath_t),
+            grad_output.const_data_ptr(), value.const_data_ptr(),
+            accumulator);
+        const auto launch = [&](auto width_constant, auto scatter_constant) {
+          launch_backward<scalar_t, decltype(width_constant)::value,
+                          decltype(scatter_constant)::value>(
               grad_output, value, spatial_shapes, level_start_index,
-              sampling_locations, attention_weights, grad_value_accumulator,
+              sampling_locations, attention_weights, accumulator,
               grad_sampling_locations, grad_attention_weights, size, stream);
+        };
+        using One = std::integral_constant<int, 1>;
+        using Two = std::integral_constant<int, 2>;
+        if (width == 2 && deterministic) {
+          launch(Two{}, std::false_type{});
+        } else if (width == 2) {
+          launch(Two{}, std::true_type{});
+        } else if (deterministic) {
+          launch(One{}, std::false_type{});
         } else {
-          launch_backward<scalar_t, 1>(
-              grad_output, value, spatial_shapes, level_start_index,
-              sampling_locations, attention_weights, grad_value_accumulator,
-              grad_sampling_locations, grad_attention_weights, size, stream);
+          launch(One{}, std::true_type{});
         }
       });
-  // A no-op for float and double, one rounding for half and bfloat16.
   return results();
 }
 

@@ -150,11 +150,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // were off by 2e-2 of their magnitude; with float32 accumulation only the
 // final rounding remains.
 //
+// kScatterValueGrad false leaves grad_value alone (it may be null): the
+// deterministic backward computes it by a gather instead
+// (ms_deform_attn_deterministic.cuh) and takes only the location and
+// weight gradients from here, which have one writer each.
+//
 // Groups never straddle a warp (group_size divides 32), and the loop bound
 // is tested on the warp's first thread, so every lane of a warp runs the
 // same iterations and the full-mask shuffles are legal; lanes past the end
 // run with no channels and write nothing.
-template <typename scalar_t, int kWidth>
+template <typename scalar_t, int kWidth, bool kScatterValueGrad = true>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     ms_deform_attn_backward_kernel(
         const scalar_t* __restrict__ grad_output,
@@ -254,8 +259,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                 partial_x += by_x[corner] * grad_times_value;
                 value_grads[lane_channel] = value_scale * grad;
               }
-              atomic_add_channels<opmath_t, kWidth>(grad_value + offset,
-                                                    value_grads);
+              if constexpr (kScatterValueGrad) {
+                atomic_add_channels<opmath_t, kWidth>(grad_value + offset,
+                                                      value_grads);
+              }
             }
           }
         }

@@ -1,0 +1,152 @@
+"""Deterministic CUDA backward under torch.use_deterministic_algorithms.
+
+The usual backward scatters into grad_value with atomic adds, whose order
+(and so the float rounding) changes from run to run. The deterministic one
+gathers each grad_value element in a fixed order
+(``ms_deform_attn_deterministic.cuh``). In the CPU emulation, blocks, warps
+and lanes run in shuffled orders and must give the same bits; the same
+shuffles change the atomic path's bits, which shows that the comparison can
+fail. On a GPU (skipped without one) two runs under
+``torch.use_deterministic_algorithms(True)`` must agree bitwise.
+"""
+import pytest
+import torch
+
+from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
+from ddetr_plugin.ops.extension import extension_error, extension_loaded
+
+# Launch variations: (max_blocks, reverse, shuffle_seed).
+ORDERS = [(0, False, 0), (0, True, 0), (0, False, 1), (0, False, 2),
+          (1, False, 3), (2, False, 4)]
+
+
+def contended_case(random_inputs, dtype, head_dims, seed=0):
+    """Many queries over small maps: every key receives many contributions,
+    so the order of the additions matters to the last bit."""
+    inputs = random_inputs(
+        batch_size=2,
+        level_shapes=((3, 3), (1, 2)),
+        num_queries=40,
+        num_heads=3,
+        head_dims=head_dims,
+        num_points=3,
+        seed=seed)
+    coordinate_dtype = torch.float64 if dtype == torch.float64 else (
+        torch.float32)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    kernel_inputs = [
+        value.to(dtype), spatial_shapes, level_start_index,
+        locations.to(coordinate_dtype),
+        weights.to(coordinate_dtype)
+    ]
+    generator = torch.Generator().manual_seed(seed + 1)
+    grad_output = torch.randn(
+        2, 40, 3 * head_dims, generator=generator).to(dtype)
+    return kernel_inputs, grad_output
+
+
+def reference_value_gradient(inputs, grad_output):
+    value = inputs[0].double().requires_grad_()
+    output = ms_deform_attn_reference(value, inputs[1], inputs[2],
+                                      inputs[3].double(), inputs[4].double())
+    output.backward(grad_output.double())
+    return value.grad
+
+
+@pytest.mark.parametrize(
+    'dtype', [torch.float32, torch.bfloat16, torch.float64],
+    ids=['fp32', 'bf16', 'fp64'])
+@pytest.mark.parametrize('head_dims', [6, 71])
+def test_emulated_deterministic_backward_is_bitwise_stable(
+        emulator, random_inputs, dtype, head_dims):
+    inputs, grad_output = contended_case(random_inputs, dtype, head_dims)
+    runs = [
+        emulator.backward(
+            grad_output,
+            *inputs,
+            max_blocks=max_blocks,
+            reverse=reverse,
+            shuffle_seed=seed,
+            deterministic=True) for max_blocks, reverse, seed in ORDERS
+    ]
+    first = runs[0]
+    for run in runs[1:]:
+        for have, want in zip(run[:3], first[:3]):
+            assert torch.equal(have, want)
+    # And it is the right gradient: one rounding to the dtype.
+    expected = reference_value_gradient(inputs, grad_output)
+    tolerance = {
+        torch.float64: 1e-12,
+        torch.float32: 1e-5,
+        torch.bfloat16: 8e-3
+    }[dtype]
+    scale = expected.abs().max().item()
+    assert (first[0].double() - expected).abs().max().item() <= (
+        tolerance * scale)
+    # The location and weight gradients match the atomic path's exactly:
+    # the same kernel writes them.
+    atomic = emulator.backward(grad_output, *inputs)
+    assert torch.equal(first[1], atomic[1])
+    assert torch.equal(first[2], atomic[2])
+
+
+def test_emulated_atomic_backward_depends_on_order(emulator, random_inputs):
+    # The control: the same shuffles change the bits of the atomic path,
+    # so the test above would see an order dependence.
+    inputs, grad_output = contended_case(random_inputs, torch.float32, 6)
+    value_gradients = [
+        emulator.backward(
+            grad_output,
+            *inputs,
+            max_blocks=max_blocks,
+            reverse=reverse,
+            shuffle_seed=seed)[0] for max_blocks, reverse, seed in ORDERS
+    ]
+    assert not all(
+        torch.equal(gradient, value_gradients[0])
+        for gradient in value_gradients[1:])
+
+
+@pytest.fixture(name='deterministic_algorithms')
+def deterministic_algorithms_fixture():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize(
+    'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_cuda_backward_is_bitwise_stable(random_inputs, dtype,
+                                         deterministic_algorithms):
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
+    if not (extension_loaded()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                'ddetr_plugin::ms_deform_attn_forward', 'CUDA')):
+        pytest.skip('ddetr_plugin._C has no CUDA kernel: '
+                    f'{extension_error() or "built without CUDA"}')
+    inputs, grad_output = contended_case(random_inputs, dtype, 32)
+    inputs = [tensor.cuda() for tensor in inputs]
+    grad_output = grad_output.cuda()
+
+    def gradients():
+        leaves = [
+            tensor.detach().clone().requires_grad_()
+            if tensor.is_floating_point() else tensor for tensor in inputs
+        ]
+        ms_deform_attn(*leaves).backward(grad_output)
+        torch.cuda.synchronize()
+        return [leaves[index].grad for index in (0, 3, 4)]
+
+    first = gradients()
+    for _ in range(3):
+        for have, want in zip(gradients(), first):
+            assert torch.equal(have, want)
+    expected = reference_value_gradient([t.cpu() for t in inputs],
+                                        grad_output.cpu())
+    torch.testing.assert_close(
+        first[0].cpu().double(),
+        expected,
+        atol=8e-3 * expected.abs().max().item(),
+        rtol=0)
