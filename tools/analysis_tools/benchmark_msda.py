@@ -450,9 +450,9 @@ def main() -> None:
                         f'{100 * gbps / bandwidth:>6.1f}%',
                         flush=True)
                     rows.append(row)
-    if args.json:
-        with open(args.json, 'w') as file:
-            json.dump(rows, file, indent=2)
+                if args.json:  # after each pass: a cut run keeps its rows
+                    with open(args.json, 'w') as file:
+                        json.dump(rows, file, indent=2)
 
 
 if __name__ == '__main__':
