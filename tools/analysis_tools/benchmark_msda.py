@@ -377,6 +377,19 @@ def measure(function: Callable, inputs: List[Tensor], backward: bool,
         ms=seconds * 1e3, mib=peak_bytes(run, reset, args.device) / 2**20)
 
 
+def try_measure(
+        function: Callable, inputs: List[Tensor], backward: bool,
+        args: argparse.Namespace) -> Tuple[Optional[Dict], Optional[str]]:
+    """(measurement, None), or (None, why it failed): one implementation
+    failing at run time must not cost the others' rows."""
+    try:
+        return measure(function, inputs, backward, args), None
+    except Exception as error:  # reported in its row, the run goes on
+        message = str(error).strip().splitlines()
+        return None, (f'failed: {type(error).__name__}: '
+                      f'{message[0] if message else ""}')
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -413,8 +426,9 @@ def main() -> None:
                 pass_name = 'forward+backward' if backward else 'forward'
                 megabytes = moved_bytes(inputs, backward) / 1e6
                 prefix = f'{shape:<12} {pass_name:<17} {dtype_name:<5}'
-                plugin = measure(ms_deform_attn, inputs, backward, args)
-                results = [('ddetr_plugin', plugin, None)]
+                plugin, failure = try_measure(ms_deform_attn, inputs, backward,
+                                              args)
+                results = [('ddetr_plugin', plugin, failure)]
                 for baseline in baselines:
                     missing = baseline.missing
                     if missing is None and dtype not in baseline.dtypes:
@@ -422,9 +436,8 @@ def main() -> None:
                     if missing is not None:
                         results.append((baseline.name, None, missing))
                         continue
-                    results.append((baseline.name,
-                                    measure(baseline.function, inputs,
-                                            backward, args), None))
+                    results.append((baseline.name, *try_measure(
+                        baseline.function, inputs, backward, args)))
                 for name, result, missing in results:
                     row = dict(
                         shape=shape,
@@ -439,13 +452,13 @@ def main() -> None:
                         rows.append(row)
                         continue
                     gbps = megabytes / result['ms']
-                    row.update(
-                        result,
-                        speed_up=result['ms'] / plugin['ms'],
-                        gbps=gbps)
+                    speed_up = (
+                        result['ms'] /
+                        plugin['ms'] if plugin else float('nan'))
+                    row.update(result, speed_up=speed_up, gbps=gbps)
                     print(
                         f'{prefix} {name:<17} {result["ms"]:>9.3f} '
-                        f'{row["speed_up"]:>8.2f}x {result["mib"]:>9.1f} '
+                        f'{speed_up:>8.2f}x {result["mib"]:>9.1f} '
                         f'{megabytes:>9.1f} {gbps:>8.1f} '
                         f'{100 * gbps / bandwidth:>6.1f}%',
                         flush=True)

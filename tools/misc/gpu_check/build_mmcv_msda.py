@@ -11,8 +11,8 @@ Two headers of mmcv's may be missing there:
 - ``THC/THCAtomics.cuh``: torch 2.11 ships it, later torch does not; a
   stand-in (``shim_missing/``) is used only when torch lacks it.
 - ``ATen/cuda/CUDAContext.h`` includes the cuSPARSE and cuBLAS headers;
-  they are looked for in the toolkit and in the ``nvidia-*`` wheels, and a
-  stand-in (``shim_context/``) replaces the header only when absent.
+  when the toolkit lacks them, a stand-in (``shim_context/``) replaces
+  that header.
 
 ``--compile-only`` runs nvcc without linking (any machine with nvcc, no
 GPU), the check the CPU mode of gpu_check.sh can do.
@@ -51,19 +51,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def header_dirs(header: str) -> List[str]:
-    """Include directories holding ``header``: the toolkit's, then those of
-    the nvidia-* wheels beside torch."""
-    import torch
+    """The toolkit's include directories holding ``header``. (Those of the
+    nvidia-* wheels are not used: they also hold CUDA runtime headers of
+    their own version, which would shadow the toolkit's.)"""
     from torch.utils import cpp_extension
     candidates = []
     if cpp_extension.CUDA_HOME:
         candidates.append(osp.join(cpp_extension.CUDA_HOME, 'include'))
         candidates += glob.glob(
             osp.join(cpp_extension.CUDA_HOME, 'targets', '*', 'include'))
-    site_packages = osp.dirname(osp.dirname(torch.__file__))
-    candidates += glob.glob(osp.join(site_packages, 'nvidia', '*', 'include'))
-    candidates += glob.glob(
-        osp.join(site_packages, 'nvidia', '*', '*', 'include'))
     return [
         directory for directory in candidates
         if osp.isfile(osp.join(directory, header))

@@ -1,6 +1,5 @@
-// Stand-in for ATen/cuda/CUDAContext.h, used only when neither the CUDA
-// toolkit nor the nvidia-* wheels provide the cuSPARSE and cuBLAS headers
-// that the real one includes. mmcv 2.1.0's multi-scale deformable attention
+// Stand-in for ATen/cuda/CUDAContext.h, used only when the CUDA toolkit
+// lacks the cuSPARSE and cuBLAS headers that the real one includes. mmcv 2.1.0's multi-scale deformable attention
 // needs only the current stream; the torch headers it pulls in also use the
 // device properties. Both are exported by libtorch_cuda with these
 // signatures, so the declarations link against the real definitions.
