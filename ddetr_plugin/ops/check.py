@@ -215,6 +215,11 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str,
     ]
     expected = run_op(ms_deform_attn_reference, reference_inputs,
                       grad_output.double())
+    near_edges = near_pixel_edges(inputs[3], inputs[1])
+    if near_edges.any():
+        # The slope jumps there; compare the other samples' gradients.
+        for gradients in (actual, expected):
+            gradients[2] = gradients[2].masked_fill(near_edges[..., None], 0)
     limits = TOLERANCES[dtype]
     quantities = [('output', limits['output']),
                   ('grad value', limits['value']),
@@ -226,9 +231,41 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str,
         error = relative_error(have, want)
         ok = error <= limit
         passed &= ok
+        note = ''
+        if quantity == 'grad locations' and near_edges.any():
+            note = (f' ({int(near_edges.sum())} of {near_edges.numel()} '
+                    'samples within 1e-4 pixel of an edge left out)')
         report(f'{name:<12} {dtype_name:<5} {quantity:<15} {error:>9.2e} '
-               f'{limit:>8.0e}  {"ok" if ok else "MISMATCH"}')
+               f'{limit:>8.0e}  {"ok" if ok else "MISMATCH"}{note}')
     return passed
+
+
+def near_pixel_edges(sampling_locations: Tensor,
+                     spatial_shapes: Tensor) -> Tensor:
+    """Samples whose pixel coordinate is within 1e-4 of an integer, but not
+    on it.
+
+    Bilinear sampling has no slope where a pixel coordinate is an integer
+    (the corners change). The kernels compute coordinates in float32, the
+    reference in float64; within float32 rounding of an integer (about
+    1e-5 pixel on a 167-wide map) they may floor to different pixels and
+    both be right, with different location gradients. There are about a
+    thousand such samples among the R50 encoder's 2.8 million. Exact
+    integers (the border cases) floor alike and stay compared.
+
+    Args:
+        sampling_locations (Tensor): (bs, nq, nh, nl, np, 2), (x, y).
+        spatial_shapes (Tensor): (nl, 2), (h, w) per level.
+
+    Returns:
+        Tensor: (bs, nq, nh, nl, np) bool.
+    """
+    # (nl, 2) as (w, h), the (x, y) order of the locations.
+    sizes = spatial_shapes.flip(-1).to(torch.float64).view(-1, 1, 2)
+    pixels = sampling_locations.double() * sizes - 0.5
+    distance = (pixels - pixels.round()).abs()
+    near = (distance > 0) & (distance < 1e-4)
+    return near.any(-1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

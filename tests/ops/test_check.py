@@ -94,3 +94,15 @@ def test_runs_as_a_module():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'passed: all 2 case/dtype pairs' in result.stdout
+
+
+def test_samples_near_pixel_edges_are_found():
+    # One level of width 8, height 4: x = (pixel + 0.5) / 8.
+    spatial_shapes = torch.tensor([[4, 8]])
+    pixels_x = [3.0, 3.0 + 1e-6, 3.0 - 1e-5, 3.3, -1.0]
+    x = (torch.tensor(pixels_x, dtype=torch.float64) + 0.5) / 8
+    y = torch.full_like(x, 0.3)
+    locations = torch.stack([x, y], -1).view(1, 5, 1, 1, 1, 2)
+    near = check.near_pixel_edges(locations, spatial_shapes).flatten()
+    # Exact integers floor alike in float32 and float64: still compared.
+    assert near.tolist() == [False, True, True, False, False]
