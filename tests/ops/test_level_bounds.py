@@ -55,7 +55,7 @@ def select_levels(inputs, levels):
     """The same problem restricted to ``levels`` (positions in the table).
     """
     value, shapes, starts, locations, weights = inputs
-    index = torch.tensor(levels)
+    index = torch.tensor(levels, device=value.device)
     return [
         value, shapes[index].contiguous(), starts[index].contiguous(),
         locations[:, :, :, index].contiguous(), weights[:, :, :,
@@ -130,3 +130,31 @@ def test_emulated_kernels_skip_levels_outside_the_keys(emulator, random_inputs,
     # The bad level's samples read nothing and have no slope.
     assert (grad_locations[:, :, :, bad_level] == 0).all()
     assert (grad_weights[:, :, :, bad_level] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', list(BAD_TABLES))
+def test_cuda_kernels_skip_levels_outside_the_keys(random_inputs, name):
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
+    if not (extension_loaded()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                'ddetr_plugin::ms_deform_attn_forward', 'CUDA')):
+        pytest.skip('ddetr_plugin._C has no CUDA kernel: '
+                    f'{extension_error() or "built without CUDA"}')
+    inputs, bad_level = bad_inputs(random_inputs, name, torch.float32)
+    inputs = [tensor.cuda() for tensor in inputs]
+    grad_output = torch.randn(2, 3, 8, device='cuda')
+    forward = torch.ops.ddetr_plugin.ms_deform_attn_forward
+    backward = torch.ops.ddetr_plugin.ms_deform_attn_backward
+    output = forward(*inputs)
+    grads = backward(grad_output, *inputs)
+    kept = [level for level in range(3) if level != bad_level]
+    expected_output = forward(*select_levels(inputs, kept))
+    expected = backward(grad_output, *select_levels(inputs, kept))
+    torch.cuda.synchronize()
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(grads[0], expected[0])
+    torch.testing.assert_close(grads[1][:, :, :, kept], expected[1])
+    assert (grads[1][:, :, :, bad_level] == 0).all()
+    assert (grads[2][:, :, :, bad_level] == 0).all()

@@ -109,7 +109,8 @@ stage_cpu() {
   # skip cleanly.
   run_stage tests 300 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
     tests/ops/test_ms_deform_attn_cuda.py tests/ops/test_cuda_runtime.py \
-    tests/ops/test_cuda_deterministic.py -k 'not emulat'
+    tests/ops/test_cuda_deterministic.py tests/ops/test_level_bounds.py \
+    -k 'not emulat'
   run_stage check 300 "$PYTHON" -m ddetr_plugin.ops.check --device cpu \
     --cases small --dtypes fp32
   run_stage benchmark 300 "$PYTHON" tools/analysis_tools/benchmark_msda.py \
@@ -136,8 +137,8 @@ stage_gpu() {
   wait $plugin_build
   run_stage tests 90 "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
     tests/ops/test_ms_deform_attn_cuda.py tests/ops/test_cuda_runtime.py \
-    tests/ops/test_cuda_deterministic.py -k 'not emulat' \
-    --junitxml="$OUT/tests.xml"
+    tests/ops/test_cuda_deterministic.py tests/ops/test_level_bounds.py \
+    -k 'not emulat' --junitxml="$OUT/tests.xml"
   run_stage check 60 "$PYTHON" -m ddetr_plugin.ops.check --device cuda \
     --benchmark --repeat 5
   wait $mmcv_build
