@@ -211,17 +211,21 @@ def test_unreadable_image_names_the_file(coco_files, damage):
         dataset[1]
 
 
+@pytest.mark.parametrize('filter_empty_gt', [False, True])
 @pytest.mark.parametrize('drop', ['empty list', 'no key'])
-def test_training_file_without_annotations_is_an_error(coco_files, drop):
+def test_training_file_without_annotations_is_an_error(coco_files, drop,
+                                                       filter_empty_gt):
     root, coco = coco_files
     coco = copy.deepcopy(coco)
     if drop == 'empty list':
         coco['annotations'] = []
     else:
         del coco['annotations']
+    # With filter_empty_gt=True, MMEngine used to fail with a bare
+    # "ValueError: need at least one array to concatenate".
     with pytest.raises(
             AnnotationError, match=r'train\.json.* holds no annotations'):
-        _dataset(root, coco)
+        _dataset(root, coco, filter_cfg=dict(filter_empty_gt=filter_empty_gt))
 
 
 @pytest.mark.parametrize('filter_empty_gt', [False, True])
