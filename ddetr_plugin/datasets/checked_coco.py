@@ -331,7 +331,11 @@ class CheckedCocoDataset(CocoDataset):
 
     def _run_pipeline(self, data_info: dict) -> Optional[dict]:
         """The pipeline's transforms in order, with the size check right
-        after the transform that loads the image."""
+        after the transform that loads the image.
+
+        The check filters the raw ``instances``; MMDetection's pipelines
+        load the image first, so ``LoadAnnotations`` reads them after it.
+        """
         transforms = getattr(self.pipeline, 'transforms', None)
         if transforms is None:
             return self.pipeline(data_info)
