@@ -9,7 +9,13 @@ default_hooks = dict(
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='AtomicCheckpointHook', interval=1),
     sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='DetVisualizationHook'))
+    # DetVisualizationHook that scales small images up before drawing and
+    # writes the predictions of each image to a file of their own.
+    visualization=dict(type='ddetr_plugin.ScaledDetVisualizationHook'),
+    # Every split's classes against model.bbox_head.num_classes, before the
+    # first step of training, validation or test. The scope prefix finds
+    # the plugin's hooks whatever a tool sets as its default scope.
+    dataset_check=dict(type='ddetr_plugin.DatasetCheckHook'))
 
 env_cfg = dict(
     cudnn_benchmark=False,

@@ -12,8 +12,17 @@ otherwise:
 * raises :class:`AnnotationError` naming the file for malformed JSON,
   malformed boxes, annotations of unknown category ids or images, and class
   names the file does not define;
+* raises :class:`AnnotationError` naming the file when a training split has
+  no images, no annotations at all or no usable box, or when ``filter_cfg``
+  leaves no image (MMEngine would fail later with a bare ``ValueError: need
+  at least one array to concatenate``); a test split (``test_mode=True``)
+  without annotations only warns, since it can still be run for
+  predictions;
 * warns with :class:`InvalidAnnotationWarning` naming the file and the
   annotations for boxes it skips (empty, negative size, outside the image);
+* warns with :class:`ImageSizeWarning` naming the image and both sizes when
+  an image's real size differs from the one the file records, and checks
+  its boxes against the real size (skipping those outside the real image);
 * raises :class:`ImageLoadError` naming the image file when an image cannot
   be read or transformed.
 """
@@ -45,6 +54,14 @@ class ImageLoadError(RuntimeError):
 
 class InvalidAnnotationWarning(UserWarning):
     """Annotations were skipped because their boxes cannot be used."""
+
+
+class ImageSizeWarning(UserWarning):
+    """An image's real size differs from the size its annotation records."""
+
+
+class MissingAnnotationWarning(UserWarning):
+    """A test split has no annotations: nothing can be evaluated."""
 
 
 def _is_remote(path: Optional[str]) -> bool:
@@ -213,12 +230,131 @@ class CheckedCocoDataset(CocoDataset):
                 (f'; and {more} more' if more > 0 else ''),
                 InvalidAnnotationWarning,
                 stacklevel=2)
+        self._check_not_empty(coco, data_list)
         return data_list
+
+    def _check_not_empty(self, coco: COCO, data_list: List[dict]) -> None:
+        """A split must hold images, and a training split boxes to learn.
+
+        Sets :attr:`num_instances`, the number of usable boxes, which
+        :class:`~ddetr_plugin.engine.DatasetCheckHook` reads.
+        """
+        if not data_list:
+            raise AnnotationError(
+                f'{self.ann_file!r} lists no images (its "images" list is '
+                'empty or missing); give the annotation file of the split '
+                'you mean (ann_file)')
+        self.num_instances = sum(1 for data_info in data_list
+                                 for instance in data_info['instances']
+                                 if not instance.get('ignore_flag', 0))
+        if self.num_instances:
+            return
+        raw_count = len(coco.dataset.get('annotations') or [])
+        if raw_count == 0:
+            problem = ('holds no annotations (its "annotations" list is '
+                       'empty or missing)')
+        else:
+            problem = (f'has {raw_count} annotation(s) but none gives a '
+                       'usable box of the configured classes '
+                       f'{list(self.metainfo["classes"])}')
+        if self.test_mode:
+            warnings.warn(
+                f'{self.ann_file!r} {problem}: its {len(data_list)} images '
+                'can be run for predictions, but there is nothing to '
+                'evaluate (use the evaluator\'s format_only=True with an '
+                'outfile_prefix to keep the predictions)',
+                MissingAnnotationWarning,
+                stacklevel=2)
+            return
+        raise AnnotationError(
+            f'{self.ann_file!r} {problem}, so training on it would learn '
+            'only "no object"; give the annotated file of the split '
+            '(ann_file), or set test_mode=True to run predictions only')
+
+    def filter_data(self) -> List[dict]:
+        """``CocoDataset``'s filter, with an error naming the file when it
+        leaves no image (MMEngine would fail later without naming it).
+
+        Returns:
+            list[dict]: The data infos that pass ``filter_cfg``.
+        """
+        kept = super().filter_data()
+        if not kept and self.data_list:
+            raise AnnotationError(
+                f'filter_cfg={self.filter_cfg} leaves none of the '
+                f'{len(self.data_list)} images of {self.ann_file!r} (with '
+                'filter_empty_gt=True an image needs a usable box, and '
+                'min_size drops images whose shorter side is smaller); '
+                'relax filter_cfg or check the annotation file')
+        return kept
+
+    def _check_image_size(self, results: dict) -> None:
+        """Check the boxes against the loaded image when its real size is
+        not the recorded one.
+
+        Args:
+            results (dict): Pipeline results just after the image was
+                loaded: ``ori_shape`` (height, width) of the real image,
+                the recorded ``height`` and ``width``, and ``instances``
+                with (x1, y1, x2, y2) ``bbox``.
+        """
+        real_height, real_width = results['ori_shape'][:2]
+        recorded = (results.get('height'), results.get('width'))
+        if None in recorded or recorded == (real_height, real_width):
+            return
+        kept, skipped = [], []
+        for instance in results.get('instances', []):
+            x1, y1, x2, y2 = instance['bbox']
+            problem = _box_problem([x1, y1, x2 - x1, y2 - y1], real_width,
+                                   real_height)
+            if problem is None:
+                kept.append(instance)
+            else:
+                skipped.append(f'{instance["bbox"]}: {problem}')
+        results['instances'] = kept
+        results['height'], results['width'] = real_height, real_width
+        self._size_warnings = getattr(self, '_size_warnings', 0) + 1
+        if self._size_warnings > MAX_LISTED:
+            return  # one data set with wrong sizes would flood the log
+        message = (
+            f'image {results.get("img_path")!r} is {real_width} x '
+            f'{real_height} (width x height) but {self.ann_file!r} records '
+            f'{recorded[1]} x {recorded[0]}; its boxes are checked against '
+            'the real size')
+        if skipped:
+            message += (f' and {len(skipped)} of them skipped, lying '
+                        'outside it: ' + '; '.join(skipped[:MAX_LISTED]))
+        if self._size_warnings == MAX_LISTED:
+            message += ('; further images of this process whose size '
+                        'differs are not reported')
+        warnings.warn(message, ImageSizeWarning, stacklevel=2)
+
+    def _run_pipeline(self, data_info: dict) -> Optional[dict]:
+        """The pipeline's transforms in order, with the size check right
+        after the transform that loads the image.
+
+        The check filters the raw ``instances``; MMDetection's pipelines
+        load the image first, so ``LoadAnnotations`` reads them after it.
+        """
+        transforms = getattr(self.pipeline, 'transforms', None)
+        if transforms is None:
+            return self.pipeline(data_info)
+        results, checked = data_info, False
+        for transform in transforms:
+            results = transform(results)
+            if results is None:
+                # A transform gave up on this sample; the data set picks
+                # another one, as in MMEngine's Compose.
+                return None
+            if not checked and 'ori_shape' in results:
+                self._check_image_size(results)
+                checked = True
+        return results
 
     def prepare_data(self, idx: int) -> Optional[dict]:
         """Run the pipeline on one image; failures name the image file."""
         try:
-            return super().prepare_data(idx)
+            return self._run_pipeline(self.get_data_info(idx))
         except Exception as error:
             image_path = self.get_data_info(idx).get('img_path')
             raise ImageLoadError(

@@ -6,10 +6,17 @@ Importing this package registers :class:`AtomicCheckpointHook` in the
 from .atomic_io import atomic_write_bytes, atomic_write_text
 from .checkpoint_check import CheckpointMismatchError, check_checkpoint_matches
 from .checkpoint_hook import AtomicCheckpointHook
+from .dataset_check_hook import DatasetCheckHook, DatasetModelMismatchError
 from .launch import load_config, prepare_distributed, use_plugin_scope
+from .visualization_hook import ScaledDetVisualizationHook
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMismatchError', 'atomic_write_bytes',
     'atomic_write_text', 'check_checkpoint_matches', 'load_config',
     'prepare_distributed', 'use_plugin_scope'
+]
+# Hooks that check the data and draw the detections.
+__all__ += [
+    'DatasetCheckHook', 'DatasetModelMismatchError',
+    'ScaledDetVisualizationHook'
 ]

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from ddetr_plugin.datasets import (AnnotationError, CheckedCocoDataset,
-                                   ImageLoadError, InvalidAnnotationWarning)
+                                   ImageLoadError, ImageSizeWarning,
+                                   InvalidAnnotationWarning,
+                                   MissingAnnotationWarning)
 
 CLASSES = ('block', 'disc')  # in the order of the file's ids
 
@@ -207,3 +209,113 @@ def test_unreadable_image_names_the_file(coco_files, damage):
     assert dataset[0]['img'].shape == (40, 60, 3)
     with pytest.raises(ImageLoadError, match=r'b\.png'):
         dataset[1]
+
+
+@pytest.mark.parametrize('filter_empty_gt', [False, True])
+@pytest.mark.parametrize('drop', ['empty list', 'no key'])
+def test_training_file_without_annotations_is_an_error(coco_files, drop,
+                                                       filter_empty_gt):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    if drop == 'empty list':
+        coco['annotations'] = []
+    else:
+        del coco['annotations']
+    # With filter_empty_gt=True, MMEngine used to fail with a bare
+    # "ValueError: need at least one array to concatenate".
+    with pytest.raises(
+            AnnotationError, match=r'train\.json.* holds no annotations'):
+        _dataset(root, coco, filter_cfg=dict(filter_empty_gt=filter_empty_gt))
+
+
+@pytest.mark.parametrize('filter_empty_gt', [False, True])
+def test_test_split_without_annotations_warns_and_predicts(
+        coco_files, filter_empty_gt):
+    root, coco = coco_files
+    coco = dict(coco, annotations=[])
+    with pytest.warns(MissingAnnotationWarning) as record:
+        dataset = _dataset(
+            root,
+            coco,
+            test_mode=True,
+            filter_cfg=dict(filter_empty_gt=filter_empty_gt))
+    message = str(record[0].message)
+    assert 'train.json' in message and 'nothing to evaluate' in message
+    assert len(dataset) == 2 and dataset.num_instances == 0
+    assert dataset[1]['img'].shape == (40, 60, 3)
+
+
+def test_no_usable_box_for_training_is_an_error(coco_files):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    for annotation in coco['annotations']:
+        annotation['bbox'] = [500, 500, 10, 10]  # outside every image
+    with pytest.warns(InvalidAnnotationWarning), pytest.raises(
+            AnnotationError,
+            match=r'train\.json.* 3 annotation\(s\) but '
+            'none gives a usable box'):
+        _dataset(root, coco)
+
+
+def test_file_without_images_is_an_error(coco_files):
+    root, coco = coco_files
+    coco = dict(coco, images=[], annotations=[])
+    with pytest.raises(AnnotationError, match=r'train\.json.* no images'):
+        _dataset(root, coco, test_mode=True)
+
+
+def test_filter_leaving_no_image_names_the_file(coco_files):
+    root, coco = coco_files
+    # Both images are 60 x 40: min_size=50 drops them.
+    with pytest.raises(
+            AnnotationError,
+            match=r"filter_cfg=.*'min_size': 50.* none of the 2 images of "
+            r'.*train\.json'):
+        _dataset(
+            root, coco, filter_cfg=dict(filter_empty_gt=True, min_size=50))
+
+
+def test_filter_empty_gt_keeps_annotated_images(coco_files):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    coco['annotations'] = coco['annotations'][:2]  # image b has none now
+    dataset = _dataset(root, coco, filter_cfg=dict(filter_empty_gt=True))
+    assert len(dataset) == 1
+    assert dataset.get_data_info(0)['img_id'] == 1
+
+
+def test_real_image_size_differing_from_the_record(coco_files):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    # The file says 640 x 480; the image is really 60 x 40. Annotation 1
+    # lies in the real image, annotation 2 only in the recorded one.
+    coco['images'][0].update(width=640, height=480)
+    coco['annotations'][1]['bbox'] = [100, 100, 200, 100]
+    dataset = _dataset(
+        root,
+        coco,
+        pipeline=[
+            dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(type='Resize', scale=(120, 80), keep_ratio=True),
+        ])
+    with pytest.warns(ImageSizeWarning) as record:
+        sample = dataset[0]
+    message = str(record[0].message)
+    assert "a.png' is 60 x 40" in message and 'records 640 x 480' in message
+    assert 'train.json' in message
+    assert '1 of them skipped' in message and '[100, 100, 300, 200]' in message
+    # Only the box inside the real image is left, scaled by the Resize,
+    # and none of zero size.
+    np.testing.assert_allclose(
+        np.asarray(sample['gt_bboxes']), [[10., 10., 30., 30.]])
+    assert sample['width'] == 60 and sample['height'] == 40
+
+
+def test_image_of_the_recorded_size_gives_no_size_warning(coco_files):
+    import warnings
+    root, coco = coco_files
+    dataset = _dataset(root, coco)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', ImageSizeWarning)
+        assert dataset[0]['img'].shape == (40, 60, 3)

@@ -64,9 +64,31 @@ class SinePositionalEncoding(BaseModule):
                  offset: float = 0.,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        if num_feats % 2 != 0:
-            raise ValueError('SinePositionalEncoding needs an even num_feats '
-                             f'(sine/cosine pairs); got {num_feats}.')
+        # Checked here: a wrong type (e.g. scale=(3.,) from a config) would
+        # otherwise build and fail only inside the first forward pass.
+        if (isinstance(num_feats, bool) or not isinstance(num_feats, int)
+                or num_feats <= 0 or num_feats % 2 != 0):
+            raise ValueError(
+                'SinePositionalEncoding needs num_feats to be a positive even '
+                f'int (sine/cosine pairs); got {num_feats!r}.')
+        for name, value in (('temperature', temperature), ('scale', scale),
+                            ('eps', eps), ('offset', offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(
+                    f'SinePositionalEncoding: {name} must be a number, got '
+                    f'{value!r} of type {type(value).__name__}.')
+            if not math.isfinite(value):
+                raise ValueError(f'SinePositionalEncoding: {name} must be '
+                                 f'finite, got {value!r}.')
+        if temperature <= 0:
+            raise ValueError('SinePositionalEncoding: temperature must be '
+                             f'positive, got {temperature!r}.')
+        if eps < 0:
+            raise ValueError('SinePositionalEncoding: eps must not be '
+                             f'negative, got {eps!r}.')
+        if not isinstance(normalize, bool):
+            raise TypeError('SinePositionalEncoding: normalize must be a '
+                            f'bool, got {normalize!r}.')
         self.num_feats = num_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -78,12 +100,19 @@ class SinePositionalEncoding(BaseModule):
         """Encode every position of a batch of padded feature maps.
 
         Args:
-            mask (Tensor): (bs, h, w) bool, True at padded positions.
+            mask (Tensor): (bs, h, w), True (or non-zero) at padded
+                positions: bool, or integer / floating 0-1 as MMDetection
+                accepts.
 
         Returns:
             Tensor: (bs, 2 * num_feats, h, w).
         """
-        valid = (~mask).to(torch.float32)
+        if mask.dim() != 3:
+            raise ValueError('SinePositionalEncoding expects a mask of shape '
+                             f'(bs, h, w), got {tuple(mask.shape)}.')
+        # ``mask == 0`` rather than ``~mask``: on an integer tensor ``~`` is
+        # a bitwise not (~0 == -1), which would count padding as valid.
+        valid = (mask == 0).to(torch.float32)
         y_embed = valid.cumsum(1)
         x_embed = valid.cumsum(2)
         if self.normalize:

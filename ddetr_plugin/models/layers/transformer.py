@@ -273,13 +273,19 @@ class DeformableDetrTransformer(BaseModule):
                              'proposal_reg_branch; got None.')
         num_keys = memory.shape[1]
         if num_keys < self.num_queries:
+            # Plain ints in the message: the shapes are a tensor, whose
+            # printed form would not read as sizes.
+            level_sizes = ', '.join(
+                f'{height}x{width}'
+                for height, width in inputs.spatial_shapes.tolist())
             raise ValueError(
                 f'Two-stage Deformable DETR selects num_queries='
-                f'{self.num_queries} proposals among the encoder\'s positions,'
-                f' but the padded batch {tuple(inputs.spatial_shapes[0])} at '
-                f'the first level only gives {num_keys}; use larger images '
+                f'{self.num_queries} proposals among the encoder\'s '
+                f'positions, but the padded batch gives only {num_keys} '
+                f'positions over its {len(inputs.spatial_shapes)} feature '
+                f'levels (height x width: {level_sizes}); use larger images '
                 '(or pad them, e.g. data_preprocessor.pad_size_divisor) or '
-                'lower num_queries.')
+                'lower num_queries (model.num_queries in the config).')
         proposal_memory, proposals = self._encoder_proposals(memory, inputs)
         enc_outputs_class = proposal_cls_branch(proposal_memory)
         enc_outputs_coord_logits = proposal_reg_branch(

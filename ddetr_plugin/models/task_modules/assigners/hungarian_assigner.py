@@ -74,6 +74,47 @@ class HungarianAssigner(BaseAssigner):
                             f'{type(getattr(gt_instances, "labels", None))}')
 
     @staticmethod
+    def _check_labels(batch_pred_instances: List[InstanceData],
+                      batch_gt_instances: List[InstanceData]) -> None:
+        """Every ground-truth label must index a predicted class score.
+
+        A label outside [0, num_classes) means the data set has more
+        classes than the model; indexing the scores with it would fail with
+        an error that names neither (or, at -1, silently read the last
+        class). All labels of the batch are checked with one read of their
+        minimum and maximum, so the device is waited for once.
+        """
+        labels, num_classes, seen = [], None, set()
+        for pred_instances, gt_instances in zip(batch_pred_instances,
+                                                batch_gt_instances):
+            scores = getattr(pred_instances, 'scores', None)
+            gt_labels = getattr(gt_instances, 'labels', None)
+            # A head matches every decoder layer against the same ground
+            # truth objects: each is checked once. Other problems are left
+            # to the checks that name them.
+            if (not isinstance(scores, Tensor) or scores.dim() != 2
+                    or not isinstance(gt_labels, Tensor)
+                    or id(gt_instances) in seen or gt_labels.numel() == 0):
+                continue
+            seen.add(id(gt_instances))
+            labels.append(gt_labels.reshape(-1))
+            num_classes = scores.shape[1]
+        if not labels:
+            return
+        joined = torch.cat(labels)
+        low, high = torch.stack((joined.min(), joined.max())).tolist()
+        if 0 <= low and high < num_classes:
+            return
+        label = high if high >= num_classes else low
+        raise ValueError(
+            f'HungarianAssigner: ground-truth label {label} is outside the '
+            f'{num_classes} classes the model predicts (labels 0 to '
+            f'{num_classes - 1}, bbox_head.num_classes={num_classes}); the '
+            'data set has more classes than the model: set '
+            'model.bbox_head.num_classes to the number of classes of the '
+            'data set (train_dataloader.dataset.metainfo.classes)')
+
+    @staticmethod
     def _result(num_preds: int, num_gts: int, gt_labels: Tensor,
                 matched_preds: np.ndarray,
                 matched_gts: np.ndarray) -> AssignResult:
@@ -156,6 +197,7 @@ class HungarianAssigner(BaseAssigner):
                 'ground truths and image metas, got '
                 f'{len(batch_pred_instances)}, {len(batch_gt_instances)} and '
                 f'{len(batch_img_metas)}')
+        self._check_labels(batch_pred_instances, batch_gt_instances)
         costs, blocks = [], []
         for pred_instances, gt_instances, img_meta in zip(
                 batch_pred_instances, batch_gt_instances, batch_img_metas):

@@ -1,0 +1,27 @@
+# Deformable DETR with Swin-T (patch 4, window 7): the backbone is replaced
+# as a whole (_delete_=True drops the ResNet-50 keys) and the neck takes
+# Swin-T's channels of stages 2-4 (192, 384, 768) instead of R50's.
+_base_ = 'deformable-detr_r50_16xb2-50e_coco.py'
+
+pretrained = ('https://github.com/SwinTransformer/storage/releases/download/'
+              'v1.0.0/swin_tiny_patch4_window7_224.pth')
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='SwinTransformer',
+        embed_dims=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        mlp_ratio=4,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.,
+        attn_drop_rate=0.,
+        drop_path_rate=0.2,
+        patch_norm=True,
+        out_indices=(1, 2, 3),
+        with_cp=False,
+        convert_weights=True,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[192, 384, 768]))
