@@ -71,6 +71,11 @@ def _check_summary(summary, num_detections, points_shape, reference_size):
             weights.sum((1, 2)),
             torch.ones(points_shape[0], dtype=weights.dtype))
         assert len(detection['reference']) == reference_size
+        # Points outside the image are counted (and drawn on its border).
+        height, width = summary['ori_shape']
+        x, y = points[..., 0], points[..., 1]
+        outside = (x < 0) | (x > width) | (y < 0) | (y > height)
+        assert detection['outside'] == int(outside.sum())
         with Image.open(detection['picture']) as picture:
             # The 128-px toy image is drawn enlarged.
             assert min(picture.size) > 400
