@@ -14,12 +14,14 @@ import torch
 from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
+from mmengine.structures import InstanceData
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.models.layers import ms_deform_attn as attention_module
 from ddetr_plugin.registry import MODELS
-from ddetr_plugin.visualization import (AttentionCapture, detection_queries,
-                                        encoder_query_index, query_points)
+from ddetr_plugin.visualization import (AttentionCapture, Probe,
+                                        detection_queries, encoder_query_index,
+                                        query_points, select_detections)
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
@@ -309,3 +311,34 @@ def test_encoder_pixel_finds_its_cell_on_the_padded_image():
         encoder_query_index((10.0, 300.0), 0, record, 0, ratios[0], meta)
     with pytest.raises(ValueError, match='level 4 is out of range'):
         encoder_query_index(pixel, 4, record, 0, ratios[0], meta)
+
+
+def test_select_detections_refuses_a_ranking_it_cannot_reproduce():
+    # Logits of 3 queries x 2 classes; the head would keep (query 1,
+    # class 0) first, then (query 2, class 1).
+    logits = torch.tensor([[-3.0, -2.0], [2.0, -1.0], [-4.0, 1.0]])
+    scores, labels, queries = detection_queries(logits, 2)
+    assert queries.tolist() == [1, 2] and labels.tolist() == [0, 1]
+    result = DetDataSample()
+    result.pred_instances = InstanceData(
+        scores=scores,
+        labels=labels,
+        bboxes=torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]))
+    probe = Probe(
+        result=result,
+        decoder=None,
+        encoder=None,
+        valid_ratios=torch.ones(4, 2),
+        cls_scores=logits,
+        decoder_layer=0,
+        encoder_layer=None)
+    kept = select_detections(probe, 2, score_thr=0.5, max_dets=5)
+    # Scores sigmoid(2) = 0.88 and sigmoid(1) = 0.73: both pass 0.5, only
+    # the first passes 0.8.
+    assert [(d.query, d.label) for d in kept] == [(1, 0), (2, 1)]
+    assert kept[1].box.tolist() == [5.0, 6.0, 7.0, 8.0]
+    assert len(select_detections(probe, 2, score_thr=0.8, max_dets=5)) == 1
+    # A head that ranked otherwise (other labels) is refused, not guessed.
+    result.pred_instances.labels = labels.flip(0)
+    with pytest.raises(RuntimeError, match='did not reproduce'):
+        select_detections(probe, 2, score_thr=0.0, max_dets=5)
