@@ -50,6 +50,15 @@ demo: setup
 		--cfg-options \
 		test_evaluator.outfile_prefix=$(CURDIR)/$(DEMO_WORK_DIR)/results
 	$(BIN)/python tools/analysis_tools/plot_training.py $(DEMO_WORK_DIR)
+	# Where the model looks: sampling points of two val images' detections.
+	for image in 000000 000001; do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python \
+			tools/analysis_tools/vis_sampling_points.py \
+			data/toy/val/$$image.png $(DEMO_CONFIG) \
+			"$$(cat $(DEMO_WORK_DIR)/last_checkpoint)" \
+			--out-dir $(DEMO_WORK_DIR)/sampling_points \
+			--encoder-pixel 64 64 || exit 1; \
+	done
 
 lint: setup
 	$(BIN)/ruff check ddetr_plugin tools tests configs demo setup.py

@@ -171,12 +171,7 @@ class MultiScaleDeformableAttention(BaseModule):
             value = value.masked_fill(key_padding_mask[..., None], 0.0)
         value = value.view(batch_size, num_values, self.num_heads, -1)
 
-        # One softmax over all levels and points of a head.
-        attention_weights = self.attention_weights(query).view(
-            batch_size, num_queries, self.num_heads,
-            self.num_levels * self.num_points).softmax(-1).view(
-                batch_size, num_queries, self.num_heads, self.num_levels,
-                self.num_points)
+        attention_weights = self._attention_weights(query)
         sampling_locations = self._sampling_locations(query, reference_points,
                                                       spatial_shapes)
 
@@ -186,6 +181,24 @@ class MultiScaleDeformableAttention(BaseModule):
         if not self.batch_first:
             output = output.transpose(0, 1)
         return self.dropout(output) + identity
+
+    def _attention_weights(self, query: Tensor) -> Tensor:
+        """Predict the weight of every sampling point.
+
+        Args:
+            query (Tensor): (bs, num_queries, embed_dims), with positions.
+
+        Returns:
+            Tensor: (bs, num_queries, num_heads, num_levels, num_points);
+            the weights of a head sum to 1 over its levels and points.
+        """
+        batch_size, num_queries, _ = query.shape
+        # One softmax over all levels and points of a head.
+        return self.attention_weights(query).view(
+            batch_size, num_queries, self.num_heads,
+            self.num_levels * self.num_points).softmax(-1).view(
+                batch_size, num_queries, self.num_heads, self.num_levels,
+                self.num_points)
 
     def _sampling_locations(self, query: Tensor, reference_points: Tensor,
                             spatial_shapes: Tensor) -> Tensor:
