@@ -7,6 +7,8 @@ from .atomic_io import atomic_write_bytes, atomic_write_text
 from .checkpoint_check import CheckpointMismatchError, check_checkpoint_matches
 from .checkpoint_hook import AtomicCheckpointHook
 from .launch import load_config, prepare_distributed, use_plugin_scope
+# Imported to register MmdetCheckpointHook.
+from .mmdet_checkpoint_hook import MmdetCheckpointHook  # noqa: F401
 
 __all__ = [
     'AtomicCheckpointHook', 'CheckpointMismatchError', 'atomic_write_bytes',
