@@ -28,5 +28,9 @@ else:
     register_flop_counter()
     # Imported for registration only.
     from . import datasets, engine, models  # noqa: F401
+    from .registry import expose_new_names
+
+    # Names mmdet lacks (CheckedCocoDataset...) resolve in its scope too.
+    expose_new_names()
 
 __all__ = ['__version__']

@@ -102,3 +102,16 @@ def test_plugin_config_builds_plugin_classes_in_any_scope(default_scope):
     # Components the plugin does not define still come from mmdet.
     assert _package(type(model.backbone)) == 'mmdet'
     assert _package(type(head.loss_cls)) == 'mmdet'
+
+
+def test_names_mmdet_lacks_resolve_in_its_scope_too():
+    # DetInferencer builds the test data set in the mmdet scope.
+    from mmdet.registry import DATASETS as MMDET_DATASETS
+    from mmdet.registry import HOOKS as MMDET_HOOKS
+    assert _package(MMDET_DATASETS.get('CheckedCocoDataset')) == \
+        'ddetr_plugin'
+    assert _package(MMDET_HOOKS.get('AtomicCheckpointHook')) == \
+        'ddetr_plugin'
+    # Names mmdet has stay mmdet's there.
+    assert _package(MMDET_MODELS.get('DeformableDETR')) == 'mmdet'
+    assert _package(MMDET_TASK_UTILS.get('HungarianAssigner')) == 'mmdet'
