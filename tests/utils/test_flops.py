@@ -40,7 +40,7 @@ def test_counted_flops_rise_by_the_formula(monkeypatch):
     cfg = Config.fromfile(TOY_CONFIG)
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model).eval()
-    height, width = 128, 96
+    height, width = 64, 64
     inputs = torch.rand(1, 3, height, width)
     counted = _count(model, inputs)
     monkeypatch.delitem(complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS,
