@@ -138,6 +138,25 @@ def test_test_tool_converts_mmdet_layout_in_memory(helpers, trained, tmp_path):
     assert results[0] == results[1]
 
 
+def test_resume_with_another_models_checkpoint_stops_before_training(
+        helpers, trained, tmp_path):
+    # MMEngine would load it non-strictly and crash in the first optimizer
+    # step; the tool checks it as tools/test.py does, before training.
+    config, work_dir = trained
+    train_dir = tmp_path / 'train'
+    result = helpers.run_tool([
+        'tools/train.py', config, '--work-dir',
+        str(train_dir), '--resume',
+        osp.join(work_dir, 'epoch_2.pth'), '--cfg-options',
+        'model.transformer.encoder.layer_cfg.ffn_cfg.feedforward_channels=16'
+    ],
+                              check=False)
+    assert result.returncode != 0
+    assert 'epoch_2.pth' in result.stdout and 'does not fit' in result.stdout
+    assert 'transformer.encoder.layers.0.ffn.linear1.weight' in result.stdout
+    assert not list(train_dir.glob('*.pth'))
+
+
 def test_train_tool_names_a_missing_data_root(helpers, trained, tmp_path):
     config, _ = trained
     missing = str(tmp_path / 'no_such_data')
