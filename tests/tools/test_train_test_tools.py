@@ -113,31 +113,6 @@ def test_test_tool_refuses_a_checkpoint_of_another_model(
     assert not osp.exists(str(tmp_path / 'test_metrics.json'))
 
 
-def test_test_tool_converts_mmdet_layout_in_memory(helpers, trained, tmp_path):
-    # MMDetection's Deformable DETR keeps encoder and decoder at the top
-    # level where the plugin has them under transformer: such weights are
-    # renamed in memory (tests/tools/test_mmdet_checkpoints.py runs real
-    # mmdet checkpoints), and give the same metrics.
-    config, work_dir = trained
-    state = torch.load(
-        osp.join(work_dir, 'epoch_2.pth'), weights_only=False)['state_dict']
-    mmdet_state = {
-        key[len('transformer.'):] if key.startswith('transformer.') else key:
-        value
-        for key, value in state.items()
-    }
-    zoo = str(tmp_path / 'zoo_model.pth')
-    torch.save(dict(state_dict=mmdet_state), zoo)
-    results = []
-    for checkpoint in (zoo, osp.join(work_dir, 'epoch_2.pth')):
-        helpers.run_tool(
-            ['tools/test.py', config, checkpoint, '--work-dir',
-             str(tmp_path)])
-        with open(tmp_path / 'test_metrics.json') as file:
-            results.append(json.load(file))
-    assert results[0] == results[1]
-
-
 def test_resume_with_another_models_checkpoint_stops_before_training(
         helpers, trained, tmp_path):
     # MMEngine would load it non-strictly and crash in the first optimizer
