@@ -22,8 +22,15 @@ except ImportError as error:
         'models, data sets and tools.')
 else:
     from .utils.checkpoint import enable_safe_checkpoint_loading
+    from .utils.flops import register_flop_counter
     enable_safe_checkpoint_loading()
+    # mmdet's get_flops.py counts the op only with its formula registered.
+    register_flop_counter()
     # Imported for registration only.
     from . import datasets, engine, models  # noqa: F401
+    from .registry import expose_new_names
+
+    # Names mmdet lacks (CheckedCocoDataset...) resolve in its scope too.
+    expose_new_names()
 
 __all__ = ['__version__']

@@ -9,20 +9,45 @@ replace MMDetection's: ``mmdet.DeformableDETR`` stays mmdet's own model.
 Each child lists MMDetection's module next to the plugin's as a lazy import
 location, because a child registry looks into its parents' tables without
 importing the parents' modules.
+
+Programs that build in the ``mmdet`` scope whatever the config says
+(``DetInferencer`` builds the test data set for its palette) would not find
+the plugin's own names there; :func:`expose_new_names` adds the names that
+MMDetection and MMEngine lack (``CheckedCocoDataset``,
+``AtomicCheckpointHook``...) to MMDetection's registries too. Names they
+have (``DeformableDETR``, ``HungarianAssigner``...) are left to them: a
+plugin config reaches the plugin's through ``_scope_='ddetr_plugin'``.
 """
 from mmdet import registry as mmdet_registry
 from mmengine.registry import Registry
 
 SCOPE = 'ddetr_plugin'
 
+_CHILDREN = []
+
 
 def _child(name: str, parent: Registry, plugin_locations=()) -> Registry:
     """Make the plugin's child of an MMDetection registry."""
-    return Registry(
+    registry = Registry(
         name,
         parent=parent,
         scope=SCOPE,
         locations=list(plugin_locations) + list(parent._locations))
+    _CHILDREN.append(registry)
+    return registry
+
+
+def expose_new_names() -> None:
+    """Register the plugin's classes whose names MMDetection's registries
+    (and MMEngine's above them) do not know in MMDetection's as well.
+
+    Called once the plugin's modules are imported; safe to call again.
+    """
+    for registry in _CHILDREN:
+        parent = registry.parent
+        for name, cls in list(registry._module_dict.items()):
+            if parent.get(name) is None:
+                parent.register_module(name=name, module=cls)
 
 
 RUNNERS = _child('runner', mmdet_registry.RUNNERS)

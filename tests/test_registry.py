@@ -1,4 +1,6 @@
 """The plugin's scope sits beside mmdet's without replacing anything."""
+import os.path as osp
+
 import pytest
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmdet.registry import TASK_UTILS as MMDET_TASK_UTILS
@@ -76,3 +78,40 @@ def test_config_with_custom_imports_builds_plugin_classes(tmp_path):
     assert _package(type(attention)) == 'ddetr_plugin'
     assert _package(type(assigner)) == 'ddetr_plugin'
     assert _package(type(backbone)) == 'mmdet'
+
+
+TOY_CONFIG = osp.join(
+    osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'toy',
+    'deformable-detr_toy.py')
+
+
+@pytest.mark.parametrize('default_scope', ['mmdet', 'mmengine', SCOPE])
+def test_plugin_config_builds_plugin_classes_in_any_scope(default_scope):
+    # DetInferencer builds in 'mmdet' whatever the config says; the
+    # model's _scope_ keeps every nested build in the plugin's scope.
+    from mmdet.registry import MODELS as MMDET_MODELS
+    cfg = Config.fromfile(TOY_CONFIG)
+    cfg.model.backbone.init_cfg = None
+    with DefaultScope.overwrite_default_scope(default_scope):
+        model = MMDET_MODELS.build(cfg.model)
+    head = model.bbox_head
+    for built in (model, model.transformer.encoder.layers[0].self_attn,
+                  model.transformer.decoder.layers[0].cross_attn, head,
+                  head.assigner, *head.assigner.match_costs):
+        assert _package(type(built)) == 'ddetr_plugin', built
+    # Components the plugin does not define still come from mmdet.
+    assert _package(type(model.backbone)) == 'mmdet'
+    assert _package(type(head.loss_cls)) == 'mmdet'
+
+
+def test_names_mmdet_lacks_resolve_in_its_scope_too():
+    # DetInferencer builds the test data set in the mmdet scope.
+    from mmdet.registry import DATASETS as MMDET_DATASETS
+    from mmdet.registry import HOOKS as MMDET_HOOKS
+    assert _package(MMDET_DATASETS.get('CheckedCocoDataset')) == \
+        'ddetr_plugin'
+    assert _package(MMDET_HOOKS.get('AtomicCheckpointHook')) == \
+        'ddetr_plugin'
+    # Names mmdet has stay mmdet's there.
+    assert _package(MMDET_MODELS.get('DeformableDETR')) == 'mmdet'
+    assert _package(MMDET_TASK_UTILS.get('HungarianAssigner')) == 'mmdet'

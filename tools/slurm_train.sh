@@ -5,7 +5,8 @@
 #
 # GPUS (total tasks, default 8), GPUS_PER_NODE (default 8), CPUS_PER_TASK
 # (default 5) and SRUN_ARGS (extra srun options) are read from the
-# environment. PYTHON selects the interpreter (default: python).
+# environment. PYTHON selects the interpreter (default: the checkout's
+# .venv/bin/python if it exists, else python; see python_path.sh).
 set -euo pipefail
 
 if [ "$#" -lt 4 ]; then
@@ -20,8 +21,9 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
-PYTHON=${PYTHON:-python}
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=python_path.sh
+source "$TOOLS_DIR/python_path.sh"
 
 set -x
 # SRUN_ARGS is deliberately unquoted: it holds several srun options.

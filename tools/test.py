@@ -14,7 +14,8 @@ metrics to ``WORK_DIR/test_metrics.json``. COCO result JSON files come from
 image into ``WORK_DIR/<timestamp>/<show-dir>`` without needing a display.
 
 Unlike MMEngine's partial loading, a checkpoint whose weights do not fit the
-model is refused with the lists of missing and unexpected keys.
+model is refused with the lists of missing and unexpected keys. A checkpoint
+of MMDetection 3.x's Deformable DETR is converted in memory.
 """
 import argparse
 import json
@@ -31,7 +32,8 @@ from mmengine.runner import Runner
 
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import atomic_io, checkpoint_check, coco_table, launch
+from ddetr_plugin.engine import (MmdetCheckpointHook, atomic_io,
+                                 checkpoint_check, coco_table, launch)
 from ddetr_plugin.registry import RUNNERS
 
 TABLE_FILE = 'coco_bbox_table.txt'
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
         if 'runner_type' not in cfg else RUNNERS.build(cfg))
     checkpoint_check.check_checkpoint_matches(runner.model, args.checkpoint,
                                               args.config)
+    # mmdet checkpoints: weights converted in memory.
+    runner.register_hook(MmdetCheckpointHook())
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(

@@ -10,21 +10,26 @@ Usage is MMDetection's::
 last_checkpoint`` names; with a path, from that checkpoint. Distributed
 training goes through ``tools/dist_train.sh`` (torchrun) or
 ``tools/slurm_train.sh``; without CUDA it uses the gloo backend.
+
+The checkpoint of ``load_from`` or ``--resume`` must fit the config's model
+exactly (checked before training starts, with the keys that differ);
+MMDetection 3.x's Deformable DETR checkpoints are converted in memory.
 """
 import argparse
 import os.path as osp
 import sys
+from typing import Optional
 
 # The tools run from a checkout without installing the package.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import Config
 from mmengine.device import get_device
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import checkpoint_check, launch
+from ddetr_plugin.engine import MmdetCheckpointHook, checkpoint_check, launch
 from ddetr_plugin.registry import RUNNERS
 
 
@@ -88,16 +93,30 @@ def configure(args) -> Config:
     return cfg
 
 
+def checkpoint_to_load(cfg: Config) -> Optional[str]:
+    """The checkpoint the run will start from, if any: ``load_from``, the
+    ``--resume`` path, or the one ``WORK_DIR/last_checkpoint`` names."""
+    if cfg.get('resume') and not cfg.get('load_from'):
+        return find_latest_checkpoint(cfg.work_dir)
+    return cfg.get('load_from') or None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = configure(args)
-    if cfg.get('load_from') and not cfg.get('resume'):
-        # MMEngine loads these weights non-strictly: a checkpoint of another
-        # implementation would leave the model nearly untouched, silently.
-        checkpoint_check.check_not_foreign_layout(cfg.load_from, args.config)
     runner = (
         Runner.from_cfg(cfg)
         if 'runner_type' not in cfg else RUNNERS.build(cfg))
+    checkpoint = checkpoint_to_load(cfg)
+    if checkpoint is not None and osp.isfile(checkpoint):
+        # MMEngine loads weights non-strictly: another model's checkpoint
+        # would train from mostly random weights (load_from) or crash in
+        # the first optimizer step (--resume). Checked before the data
+        # sets are even read.
+        checkpoint_check.check_checkpoint_matches(runner.model, checkpoint,
+                                                  args.config)
+    # mmdet checkpoints: weights and optimizer state converted in memory.
+    runner.register_hook(MmdetCheckpointHook())
     runner.train()
     return 0
 

@@ -8,6 +8,10 @@ embed_dims = 256
 num_levels = 4
 
 model = dict(
+    # The model and everything inside it (attention, assigner, match costs)
+    # are built in the plugin's scope whatever the default scope of the
+    # tool, e.g. mmdet's DetInferencer or tools of other packages.
+    _scope_='ddetr_plugin',
     type='DeformableDETR',
     num_queries=300,
     num_feature_levels=num_levels,

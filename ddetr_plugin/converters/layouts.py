@@ -43,20 +43,23 @@ def foreign_layout(keys: Iterable[str]) -> Optional[str]:
 
 
 def conversion_hint(layout: str,
-                    checkpoint: str,
+                    checkpoint: Optional[str],
                     config: Optional[str] = None) -> str:
     """One sentence naming the layout and the command that converts it.
 
     Args:
         layout (str): ``'mmdet'`` or ``'official'``.
-        checkpoint (str): The file to convert.
+        checkpoint (str, optional): The file to convert; None when only the
+            weights are known (``IN.pth`` stands for the file then).
         config (str, optional): The plugin config to check the result
             against (``--config`` of the converters).
     """
     source, tool = _CONVERTERS[layout]
-    output = checkpoint[:-4] if checkpoint.endswith('.pth') else checkpoint
-    command = f'python {tool} {checkpoint} {output}_plugin.pth'
+    name = checkpoint or 'IN.pth'
+    output = name[:-4] if name.endswith('.pth') else name
+    command = f'python {tool} {name} {output}_plugin.pth'
     if config is not None:
         command += f' --config {config}'
-    return (f'{checkpoint} holds Deformable DETR weights in the layout of '
+    holder = checkpoint if checkpoint else 'The weights being loaded'
+    return (f'{holder} holds Deformable DETR weights in the layout of '
             f'{source}; convert them for the plugin first: {command}')

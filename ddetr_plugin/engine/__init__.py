@@ -8,6 +8,8 @@ from .checkpoint_check import CheckpointMismatchError, check_checkpoint_matches
 from .checkpoint_hook import AtomicCheckpointHook
 from .dataset_check_hook import DatasetCheckHook, DatasetModelMismatchError
 from .launch import load_config, prepare_distributed, use_plugin_scope
+# Imported to register MmdetCheckpointHook.
+from .mmdet_checkpoint_hook import MmdetCheckpointHook  # noqa: F401
 from .visualization_hook import ScaledDetVisualizationHook
 
 __all__ = [

@@ -1,24 +1,25 @@
-"""Refusing to evaluate a model with weights from a different model.
+"""Refusing to run a model with weights from a different model.
 
 MMEngine loads checkpoints with ``strict=False`` and only logs the keys that
 did not match, so ``tools/test.py`` given another model's checkpoint reports
-the accuracy of a mostly random model. :func:`check_checkpoint_matches`
-compares the checkpoint's state dict with the model's before testing and
-raises with the lists of missing, unexpected and mis-shaped keys.
-:func:`check_not_foreign_layout` guards ``load_from`` in training, where a
-partial match is often intended (fine-tuning with other classes) but
-weights in another implementation's layout would load almost nothing.
+the accuracy of a mostly random model, ``load_from`` trains from mostly
+random weights, and ``--resume`` crashes inside the first optimizer step.
+:func:`check_checkpoint_matches` compares the checkpoint's state dict with
+the model's before testing or training and raises with the lists of
+missing, unexpected and mis-shaped keys.
 
-Either error names the converter to run when the weights are in the layout
-of MMDetection's or the official Deformable DETR.
+Weights in the layout of MMDetection 3.x's Deformable DETR pass when,
+renamed in memory, they fit the model exactly (the model renames them again
+as it loads them); weights of the official repository get the command of
+their converter.
 """
-import os.path as osp
 from typing import Dict, List, Optional
 
 import torch
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import _load_checkpoint
 
+from ..converters.in_memory import convert_for_model
 from ..converters.layouts import conversion_hint, foreign_layout
 from ..converters.mmdet import CheckpointMismatchError
 
@@ -106,6 +107,16 @@ def check_checkpoint_matches(model: torch.nn.Module,
     if is_model_wrapper(model):
         model = model.module
     state = _load_state_dict(filename)
+    if foreign_layout(state) == 'mmdet':
+        try:
+            convert_for_model(state, model)
+        except CheckpointMismatchError as error:
+            raise CheckpointMismatchError(
+                f'checkpoint {filename!r} holds weights in the layout of '
+                'MMDetection 3.x\'s Deformable DETR that do not fit the '
+                f'model {type(model).__name__} of the config: {error}'
+            ) from None
+        return
     differences = compare_state_dicts(model.state_dict(), state)
     if any(differences.values()):
         _raise_if_foreign(state, filename, config)
@@ -118,18 +129,3 @@ def check_checkpoint_matches(model: torch.nn.Module,
             _listing('unexpected keys (in the checkpoint, not in the model)',
                      differences['unexpected']) +
             _listing('keys of a different shape', differences['mismatched']))
-
-
-def check_not_foreign_layout(filename: str,
-                             config: Optional[str] = None) -> None:
-    """Raise if ``filename`` holds weights in another implementation's
-    layout, which ``load_from`` would load almost none of.
-
-    Only local files are read; anything else (URLs, remote storage) is left
-    to MMEngine.
-
-    Raises:
-        CheckpointMismatchError: Naming the converter to run.
-    """
-    if osp.isfile(filename):
-        _raise_if_foreign(_load_state_dict(filename), filename, config)

@@ -27,6 +27,8 @@ Configs ask for it by name (``type='AtomicCheckpointHook'``, as the
 plugin's ``_base_/default_runtime.py`` does); ``CheckpointHook`` keeps naming
 MMEngine's hook in every scope, so nothing changes behind a user's back.
 """
+import difflib
+import inspect
 import os.path as osp
 from typing import Optional
 
@@ -38,11 +40,65 @@ from ..registry import HOOKS
 from .atomic_io import (atomic_write_text, commit, remove_leftovers,
                         temporary_path)
 
+# Arguments whose type a typo in a config or --cfg-options gets wrong; the
+# others (save_best, rule, out_dir...) are checked by CheckpointHook itself.
+_INT_ARGUMENTS = ('interval', 'max_keep_ckpts', 'save_begin')
+_BOOL_ARGUMENTS = ('by_epoch', 'save_optimizer', 'save_param_scheduler',
+                   'save_last')
+
+
+def check_arguments(arguments: dict, extra: dict) -> None:
+    """Refuse arguments ``CheckpointHook`` would only trip over at its
+    first save, after a whole epoch of training.
+
+    Args:
+        arguments (dict): The named arguments of ``CheckpointHook``.
+        extra (dict): Any other keyword arguments. ``CheckpointHook`` keeps
+            them for ``Runner.save_checkpoint``, which takes none beyond
+            those the hook passes itself.
+
+    Raises:
+        TypeError: Naming the argument, the type expected and what came,
+            or the unknown arguments with the closest known names.
+    """
+    if extra:
+        known = sorted(arguments)
+        hints = []
+        for name in sorted(extra):
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f'{name!r}' +
+                         (f' (did you mean {close[0]!r}?)' if close else ''))
+        raise TypeError(
+            'AtomicCheckpointHook (default_hooks.checkpoint) got unknown '
+            f'arguments {", ".join(hints)}; it takes {known}.')
+    for name in _INT_ARGUMENTS:
+        value = arguments[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f'default_hooks.checkpoint.{name} must be an int, got '
+                f'{value!r} ({type(value).__name__}).')
+    for name in _BOOL_ARGUMENTS:
+        value = arguments[name]
+        if not isinstance(value, bool):
+            raise TypeError(
+                f'default_hooks.checkpoint.{name} must be True or False, '
+                f'got {value!r} ({type(value).__name__}).')
+
 
 @HOOKS.register_module()
 class AtomicCheckpointHook(CheckpointHook):
     """``CheckpointHook`` with atomic checkpoint and ``last_checkpoint``
-    writes. Takes the same arguments as MMEngine's ``CheckpointHook``."""
+    writes. Takes the same arguments as MMEngine's ``CheckpointHook``,
+    checked when the hook is built rather than at its first save."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        bound = inspect.signature(CheckpointHook.__init__).bind(
+            self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop('self')
+        check_arguments(arguments, arguments.pop('kwargs'))
+        super().__init__(*args, **kwargs)
 
     def _writes_locally(self) -> bool:
         return (self.file_client_args is None

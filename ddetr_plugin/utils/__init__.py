@@ -1,8 +1,9 @@
-from .checkpoint import (UntrustedCheckpointError,
+from .checkpoint import (NotACheckpointError, UntrustedCheckpointError,
                          enable_safe_checkpoint_loading, load_checkpoint_file,
                          trust_checkpoint)
 
 __all__ = [
-    'UntrustedCheckpointError', 'enable_safe_checkpoint_loading',
-    'load_checkpoint_file', 'trust_checkpoint'
+    'NotACheckpointError', 'UntrustedCheckpointError',
+    'enable_safe_checkpoint_loading', 'load_checkpoint_file',
+    'trust_checkpoint'
 ]

@@ -17,6 +17,8 @@ Only the named files are then unpickled in full.
 import os
 import os.path as osp
 import pickle
+import struct
+import zipfile
 from typing import Callable, List, Optional, Set
 
 import numpy as np
@@ -94,6 +96,72 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds objects outside the weights-only allow-list."""
 
 
+class NotACheckpointError(ValueError):
+    """A file given as a checkpoint is not one written by ``torch.save``."""
+
+
+# torch.save writes a zip archive; before PyTorch 1.6 (and with
+# _use_new_zipfile_serialization=False) a pickle, which starts with the
+# PROTO opcode.
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_PROTO = b'\x80'
+# What some common non-checkpoint files start with, to say what came.
+_KNOWN_SIGNATURES = ((b'\x89PNG', 'a PNG image'),
+                     (b'\xff\xd8\xff', 'a JPEG image'), (b'{', 'JSON or text'),
+                     (b'<', 'HTML or XML'), (b'\x1f\x8b', 'a gzip archive'))
+
+
+def _describe(head: bytes) -> str:
+    for signature, kind in _KNOWN_SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    try:
+        head.decode('utf-8')
+    except UnicodeDecodeError:
+        return f'data starting with {head[:8]!r}'
+    return 'text' if head else 'an empty file'
+
+
+def _not_a_checkpoint(filename: str, what: str) -> NotACheckpointError:
+    return NotACheckpointError(
+        f'{filename!r} is not a PyTorch checkpoint: {what}. Give the .pth '
+        'file written by training (e.g. WORK_DIR/epoch_12.pth), and '
+        'download or copy it again if it may be incomplete.')
+
+
+def check_checkpoint_format(filename: str) -> None:
+    """Raise unless ``filename`` looks like a ``torch.save`` file.
+
+    Args:
+        filename (str): A local file.
+
+    Raises:
+        NotACheckpointError: Naming the file and what it holds instead (an
+            image, text, a truncated archive...).
+    """
+    with open(filename, 'rb') as file:
+        head = file.read(64)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(filename):
+            raise _not_a_checkpoint(
+                filename, 'a zip archive without its end (truncated?)')
+        with zipfile.ZipFile(filename) as archive:
+            names = archive.namelist()
+        if not any(name.endswith('data.pkl') for name in names):
+            raise _not_a_checkpoint(
+                filename, 'a zip archive without the data.pkl that '
+                'torch.save writes')
+        return
+    if not head.startswith(_PICKLE_PROTO):
+        raise _not_a_checkpoint(filename, _describe(head))
+
+
+def _is_foreign_object_error(error: Exception) -> bool:
+    """Whether a weights-only load failed on an object outside the
+    allow-list (rather than on a damaged file)."""
+    return 'global' in str(error).lower()
+
+
 def load_checkpoint_file(filename: str,
                          map_location: Optional[object] = None) -> dict:
     """``torch.load`` a local checkpoint, weights-only unless trusted.
@@ -107,6 +175,8 @@ def load_checkpoint_file(filename: str,
 
     Raises:
         FileNotFoundError: If ``filename`` does not exist.
+        NotACheckpointError: If the file is not a ``torch.save`` file (an
+            image, text) or is damaged (truncated).
         UntrustedCheckpointError: If the file holds types outside the
             allow-list and was not marked trusted.
     """
@@ -114,13 +184,18 @@ def load_checkpoint_file(filename: str,
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint file {filename!r} does not '
                                 'exist')
-    if is_trusted(filename):
-        return torch.load(
-            filename, map_location=map_location, weights_only=False)
+    check_checkpoint_format(filename)
     try:
+        if is_trusted(filename):
+            return torch.load(
+                filename, map_location=map_location, weights_only=False)
         return torch.load(
             filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _is_foreign_object_error(error):
+            raise _not_a_checkpoint(
+                filename, 'it cannot be unpickled (damaged or truncated?): '
+                f'{str(error).splitlines()[0]}') from error
         raise UntrustedCheckpointError(
             f'{filename!r} holds objects that are not allowed in a weights-'
             'only load (MMEngine checkpoints need only tensors, numpy '
@@ -129,6 +204,14 @@ def load_checkpoint_file(filename: str,
             'deliberately with ddetr_plugin.utils.trust_checkpoint(path) or '
             f'by listing it in the environment variable {TRUSTED_ENV}; a '
             'pickle can run arbitrary code.') from error
+    except (EOFError, IndexError, KeyError, RuntimeError, ValueError,
+            struct.error) as error:
+        # A truncated or garbled pickle ends early, reads past its end or
+        # meets an unknown opcode; a damaged archive fails in PyTorch's zip
+        # reader.
+        raise _not_a_checkpoint(
+            filename, f'it cannot be read (damaged or truncated?): '
+            f'{type(error).__name__}: {str(error).splitlines()[0]}') from error
 
 
 def _mmengine_local_loader(filename: str,

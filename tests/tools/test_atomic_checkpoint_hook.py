@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import ddetr_plugin  # noqa: F401
+from ddetr_plugin.engine import AtomicCheckpointHook
 from ddetr_plugin.utils import load_checkpoint_file
 
 
@@ -155,3 +156,27 @@ def test_killed_best_write_keeps_the_previous_best(tmp_path,
     # next run deletes.
     assert len(partial) == 1
     assert partial[0].startswith('.best_score_epoch_2.pth')
+
+
+@pytest.mark.parametrize(('arguments', 'expected'), [
+    (dict(max_keep_ckpt=2), "'max_keep_ckpt' (did you mean 'max_keep_ckpts'"),
+    (dict(intervall=1), "'intervall' (did you mean 'interval'"),
+    (dict(interval='1'), "interval must be an int, got '1' (str)"),
+    (dict(by_epoch='yes'), "by_epoch must be True or False, got 'yes'"),
+])
+def test_argument_typos_fail_when_the_hook_is_built(arguments, expected):
+    # CheckpointHook would keep them and fail at its first save, after a
+    # whole epoch of training.
+    from ddetr_plugin.registry import HOOKS
+    with pytest.raises(TypeError) as error:
+        HOOKS.build(
+            dict(
+                type='AtomicCheckpointHook',
+                _scope_='ddetr_plugin',
+                **arguments))
+    assert expected in str(error.value)
+
+
+def test_valid_arguments_reach_the_hook():
+    hook = AtomicCheckpointHook(interval=2, max_keep_ckpts=3, by_epoch=False)
+    assert (hook.interval, hook.max_keep_ckpts, hook.by_epoch) == (2, 3, False)

@@ -113,37 +113,23 @@ def test_test_tool_refuses_a_checkpoint_of_another_model(
     assert not osp.exists(str(tmp_path / 'test_metrics.json'))
 
 
-def test_tools_name_the_converter_for_mmdet_weights(helpers, trained,
-                                                    tmp_path):
-    # MMDetection's Deformable DETR keeps encoder and decoder at the top
-    # level where the plugin has them under transformer.
+def test_resume_with_another_models_checkpoint_stops_before_training(
+        helpers, trained, tmp_path):
+    # MMEngine would load it non-strictly and crash in the first optimizer
+    # step; the tool checks it as tools/test.py does, before training.
     config, work_dir = trained
-    state = torch.load(
-        osp.join(work_dir, 'epoch_2.pth'), weights_only=False)['state_dict']
-    mmdet_state = {
-        key[len('transformer.'):] if key.startswith('transformer.') else key:
-        value
-        for key, value in state.items()
-    }
-    zoo = str(tmp_path / 'zoo_model.pth')
-    torch.save(dict(state_dict=mmdet_state), zoo)
-    command = f'tools/model_converters/mmdet_to_plugin.py {zoo}'
-
-    result = helpers.run_tool(
-        ['tools/test.py', config, zoo, '--work-dir',
-         str(tmp_path)],
-        check=False)
-    assert result.returncode != 0 and command in result.stdout
-    # Training would load it non-strictly, keeping random weights: refused
-    # before anything runs.
     train_dir = tmp_path / 'train'
     result = helpers.run_tool([
         'tools/train.py', config, '--work-dir',
-        str(train_dir), '--cfg-options', f'load_from={zoo}'
+        str(train_dir), '--resume',
+        osp.join(work_dir, 'epoch_2.pth'), '--cfg-options',
+        'model.transformer.encoder.layer_cfg.ffn_cfg.feedforward_channels=16'
     ],
                               check=False)
-    assert result.returncode != 0 and command in result.stdout
-    assert not train_dir.exists() or not list(train_dir.glob('*.pth'))
+    assert result.returncode != 0
+    assert 'epoch_2.pth' in result.stdout and 'does not fit' in result.stdout
+    assert 'transformer.encoder.layers.0.ffn.linear1.weight' in result.stdout
+    assert not list(train_dir.glob('*.pth'))
 
 
 def test_train_tool_names_a_missing_data_root(helpers, trained, tmp_path):

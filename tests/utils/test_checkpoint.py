@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.utils import (UntrustedCheckpointError, load_checkpoint_file,
-                                trust_checkpoint)
+from ddetr_plugin.utils import (NotACheckpointError, UntrustedCheckpointError,
+                                load_checkpoint_file, trust_checkpoint)
 from ddetr_plugin.utils.checkpoint import TRUSTED_ENV
 
 
@@ -180,3 +180,44 @@ def test_missing_checkpoint_names_the_file(tmp_path):
     path = tmp_path / 'nope.pth'
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         load_checkpoint_file(str(path))
+
+
+def _real_checkpoint(path, legacy=False):
+    weights = dict(state_dict=_LineModel().state_dict(), meta=dict(epoch=1))
+    torch.save(weights, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+PNG_HEADER = b'\x89PNG\r\n\x1a\n' + bytes(range(56))
+
+
+@pytest.mark.parametrize(('name', 'content', 'what'), [
+    ('notes.pth', b'epoch 12, mAP 0.44\n', 'text'),
+    ('picture.pth', PNG_HEADER, 'a PNG image'),
+    ('empty.pth', b'', 'an empty file'),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, name, content,
+                                                  what):
+    path = tmp_path / name
+    path.write_bytes(content)
+    for load in (lambda: load_checkpoint_file(str(path)),
+                 lambda: load_checkpoint(_LineModel(), str(path))):
+        with pytest.raises(NotACheckpointError) as error:
+            load()
+        message = str(error.value)
+        assert name in message and 'is not a PyTorch checkpoint' in message
+        assert what in message
+        assert 'trust' not in message
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_a_truncated_checkpoint_is_not_called_untrusted(tmp_path, legacy):
+    path = _real_checkpoint(tmp_path / 'epoch_1.pth', legacy)
+    assert load_checkpoint_file(str(path))['meta']['epoch'] == 1
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+    with pytest.raises(NotACheckpointError) as error:
+        load_checkpoint_file(str(path))
+    message = str(error.value)
+    assert 'epoch_1.pth' in message and 'truncated' in message
+    assert 'trust' not in message

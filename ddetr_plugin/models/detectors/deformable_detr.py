@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from mmdet.models.detectors.base import BaseDetector
 from mmdet.structures import OptSampleList, SampleList
+from mmengine.logging import print_log
 from torch import Tensor
 
+from ddetr_plugin.converters.in_memory import convert_in_place
 from ddetr_plugin.registry import MODELS
+from .config_checks import check_flag, check_positive_int, transformer_config
 
 
 def _build_with(cfg: dict, required: dict, component: str,
@@ -45,20 +48,45 @@ def _build_with(cfg: dict, required: dict, component: str,
     return MODELS.build(cfg)
 
 
+def _convert_foreign_weights(module, state_dict, prefix, *args) -> None:
+    """Load-time hook: rename mmdet-layout weights for ``module``.
+
+    Runs for every loader (``load_state_dict``, MMEngine's ``load_from``,
+    ``--resume``, DetInferencer, init_detector) before the weights are
+    matched to parameters.
+    """
+    message = convert_in_place(state_dict, prefix, module)
+    if message is not None:
+        print_log(message, logger='current')
+
+
 @MODELS.register_module()
 class DeformableDETR(BaseDetector):
     """Deformable DETR (Zhu et al., ICLR 2021).
+
+    The constructor also takes mmdet 3.3.0's ``DeformableDETR`` arguments,
+    so that mmdet's own configs build this model: ``encoder``, ``decoder``
+    and ``positional_encoding`` instead of ``transformer``, and any neck
+    (mmdet's ``ChannelMapper``). Weights saved from mmdet's model load into
+    it directly: they are renamed in memory while loading (see
+    :mod:`ddetr_plugin.converters.in_memory`).
 
     Args:
         backbone (dict): Backbone config, e.g. mmdet's ResNet.
         neck (dict): Neck config, e.g. :class:`DeformableDetrNeck`; its
             ``num_outs`` must equal ``num_feature_levels``.
-        transformer (dict): :class:`DeformableDetrTransformer` config,
-            without ``num_feature_levels``, ``num_queries`` and
+        transformer (dict, optional): :class:`DeformableDetrTransformer`
+            config, without ``num_feature_levels``, ``num_queries`` and
             ``as_two_stage``, which come from this detector.
         bbox_head (dict): Head config, e.g. ``DeformableDETRHead``, without
             ``share_pred_layer``, ``num_pred_layer``, ``as_two_stage``,
             ``train_cfg`` and ``test_cfg``, which come from this detector.
+        encoder (dict, optional): mmdet-style encoder config, instead of
+            ``transformer``.
+        decoder (dict, optional): mmdet-style decoder config, instead of
+            ``transformer``.
+        positional_encoding (dict, optional): mmdet-style positional
+            encoding config, instead of ``transformer``.
         num_queries (int): Object queries. Defaults to 300.
         num_feature_levels (int): Feature levels. Defaults to 4.
         with_box_refine (bool): Whether every decoder layer refines the
@@ -74,8 +102,11 @@ class DeformableDETR(BaseDetector):
     def __init__(self,
                  backbone: dict,
                  neck: dict,
-                 transformer: dict,
-                 bbox_head: dict,
+                 transformer: Optional[dict] = None,
+                 bbox_head: Optional[dict] = None,
+                 encoder: Optional[dict] = None,
+                 decoder: Optional[dict] = None,
+                 positional_encoding: Optional[dict] = None,
                  num_queries: int = 300,
                  num_feature_levels: int = 4,
                  with_box_refine: bool = False,
@@ -84,6 +115,18 @@ class DeformableDETR(BaseDetector):
                  test_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None) -> None:
+        # Checked first: a mistyped --cfg-options value would otherwise
+        # fail deep inside a component, far from the key that caused it.
+        check_positive_int('model.num_queries', num_queries)
+        check_positive_int('model.num_feature_levels', num_feature_levels)
+        check_flag('model.with_box_refine', with_box_refine)
+        check_flag('model.as_two_stage', as_two_stage)
+        if bbox_head is None:
+            raise ValueError('DeformableDETR needs model.bbox_head, e.g. '
+                             "dict(type='DeformableDETRHead', "
+                             'num_classes=80).')
+        transformer = transformer_config(transformer, encoder, decoder,
+                                         positional_encoding)
         super().__init__(
             data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.num_queries = num_queries
@@ -109,6 +152,7 @@ class DeformableDETR(BaseDetector):
             bbox_head, self._head_args(), 'model.bbox_head',
             'set by with_box_refine and as_two_stage of the detector')
         self._check_widths()
+        self.register_load_state_dict_pre_hook(_convert_foreign_weights)
 
     def _head_args(self) -> dict:
         """Head arguments that follow from the detector's flags."""
