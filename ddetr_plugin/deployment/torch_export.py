@@ -61,7 +61,11 @@ def example_images(height: int,
 
 
 def dynamic_image_shapes() -> dict:
-    """Batch, height and width of the image batch, all dynamic."""
+    """Batch, height and width of the image batch, all dynamic.
+
+    Below 65 px the smallest level (stride 64) has a side of 1, a size that
+    ``torch.export`` specialises, so sides start at 65.
+    """
     return {
         'images': {
             0: Dim('batch', min=1, max=64),

@@ -52,3 +52,26 @@ def test_export_refuses_training_mode_and_a_batch_of_one(toy):
         export_detector(model, example_images(64, 64), dynamic=True)
     with pytest.raises(RuntimeError, match='eval mode'):
         export_detector(model.train(), example_images(64, 64))
+
+
+class DataDependentBackbone(torch.nn.Module):
+    """A backbone whose Python control flow reads tensor values."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images):
+        if images.mean() > 0:
+            images = images * 2
+        return self.backbone(images)
+
+
+def test_a_backbone_that_cannot_export_is_named(toy):
+    model = toy.build_model('plain')
+    model.backbone = DataDependentBackbone(model.backbone)
+    with pytest.raises(
+            RuntimeError,
+            match='backbone DataDependentBackbone cannot be '
+            'traced by torch.export'):
+        export_detector(model, example_images(96, 96))

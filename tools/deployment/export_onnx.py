@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--dynamic',
         action='store_true',
-        help='make batch, height and width dynamic axes')
+        help='make batch (1-64), height and width (65-4096 px) dynamic '
+        'axes')
     parser.add_argument(
         '--opset',
         type=int,
