@@ -19,7 +19,8 @@ DEMO_WORK_DIR := work_dirs/toy
 
 setup: $(EXT_STAMP)
 
-$(DEPS_STAMP): $(CONSTRAINTS) requirements/runtime.txt requirements/tests.txt
+$(DEPS_STAMP): $(CONSTRAINTS) requirements/runtime.txt requirements/tests.txt \
+		requirements/deploy.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0 setuptools==80.9.0 wheel ninja
 	$(PIP) install -q -c $(CONSTRAINTS) mmengine==0.10.7
@@ -28,7 +29,7 @@ $(DEPS_STAMP): $(CONSTRAINTS) requirements/runtime.txt requirements/tests.txt
 	MMCV_WITH_OPS=1 MAX_JOBS=$(JOBS) $(PIP) install -q -c $(CONSTRAINTS) \
 		--no-build-isolation mmcv==2.1.0
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/runtime.txt \
-		-r requirements/tests.txt
+		-r requirements/tests.txt -r requirements/deploy.txt
 	touch $@
 
 $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)

@@ -2,12 +2,23 @@
 
     python demo/image_demo.py IMAGE CONFIG --weights CHECKPOINT
         [--out-dir DIR] [--score-thr 0.3] [--device cpu]
+    python demo/image_demo.py IMAGE CONFIG --onnx MODEL.onnx
+        [--out-dir DIR] [--score-thr 0.3] [--threads N]
 
 IMAGE is an image file or a folder of images. For each image, the
 detections scoring at least ``--score-thr`` are drawn by MMDetection's
 ``DetLocalVisualizer`` into ``DIR/<image name>`` (PNG, JPEG...: the input's
 format), and listed on standard output. A checkpoint whose weights do not
 fit the config's model is refused, naming the mismatched keys.
+
+With ``--onnx``, a model written by ``tools/deployment/export_onnx.py``
+runs in ONNX Runtime instead of PyTorch: the image goes through the same
+test pipeline and data preprocessor of CONFIG, and the boxes are clamped
+and mapped back to the original image as ``predict`` does, so both paths
+draw the same detections. A model exported for a fixed size takes images
+up to that size (padded with zeros); PyTorch masks such padding and ONNX
+cannot, so only an image of the exported size (or a dynamic model) gives
+PyTorch's detections exactly.
 """
 import argparse
 import os
@@ -21,6 +32,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmcv
 import torch
 from mmdet.apis import inference_detector, init_detector
+from mmdet.structures import DetDataSample
 from mmengine.config import DictAction
 from mmengine.dataset import Compose
 
@@ -37,8 +49,12 @@ def parse_args(argv=None):
         description='Detect objects in images and draw them')
     parser.add_argument('image', help='an image file or a folder of images')
     parser.add_argument('config', help='config file of the model')
-    parser.add_argument(
-        '--weights', required=True, help='checkpoint of the model')
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument('--weights', help='checkpoint of the model')
+    model.add_argument(
+        '--onnx',
+        help='an ONNX model of tools/deployment/export_onnx.py, run in '
+        'ONNX Runtime instead of PyTorch')
     parser.add_argument(
         '--out-dir', default='outputs', help='folder for the drawn images')
     parser.add_argument(
@@ -50,6 +66,11 @@ def parse_args(argv=None):
         '--device',
         default='cuda:0' if torch.cuda.is_available() else 'cpu',
         help='device to run on')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='ONNX Runtime threads (default: all cores)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -86,22 +107,41 @@ def inference_pipeline(cfg) -> Compose:
 def main(argv=None) -> int:
     args = parse_args(argv)
     images = list_images(args.image)
-    if not osp.isfile(args.weights):
-        raise FileNotFoundError(f'--weights {args.weights!r} does not exist')
     cfg = launch.load_config(args.config, args.cfg_options)
-    model = init_detector(cfg, args.weights, device=args.device)
-    checkpoint_check.check_checkpoint_matches(model, args.weights)
+    pipeline = inference_pipeline(cfg)
+    if args.onnx:
+        # Imported here: ONNX Runtime is needed only on this path.
+        from ddetr_plugin.deployment.onnx_runtime import OnnxTestModel
+        onnx_model = OnnxTestModel(cfg, args.onnx, args.threads)
+        dataset_meta = onnx_model.dataset_meta
+
+        def predictor(path: str) -> DetDataSample:
+            # What inference_detector does around a PyTorch model.
+            data = pipeline(dict(img_path=path, img_id=0))
+            return onnx_model.test_step(
+                dict(
+                    inputs=[data['inputs']],
+                    data_samples=[data['data_samples']]))[0]
+    else:
+        if not osp.isfile(args.weights):
+            raise FileNotFoundError(
+                f'--weights {args.weights!r} does not exist')
+        model = init_detector(cfg, args.weights, device=args.device)
+        checkpoint_check.check_checkpoint_matches(model, args.weights)
+        dataset_meta = model.dataset_meta
+
+        def predictor(path: str) -> DetDataSample:
+            return inference_detector(model, path, test_pipeline=pipeline)
 
     visualizer = VISUALIZERS.build(
         dict(type='DetLocalVisualizer', name='image_demo'))
-    visualizer.dataset_meta = model.dataset_meta
-    pipeline = inference_pipeline(cfg)
+    visualizer.dataset_meta = dataset_meta
     os.makedirs(args.out_dir, exist_ok=True)
     for path in images:
         image = mmcv.imread(path)
         if image is None:
             raise OSError(f'could not read image {path!r}')
-        result = inference_detector(model, path, test_pipeline=pipeline)
+        result = predictor(path)
         out_file = osp.join(args.out_dir, osp.basename(path))
         visualizer.add_datasample(
             osp.basename(path),
@@ -114,7 +154,7 @@ def main(argv=None) -> int:
         keep = instances.scores >= args.score_thr
         print(f'{path}: {int(keep.sum())} detections with score >= '
               f'{args.score_thr}, drawn into {out_file}')
-        classes = model.dataset_meta.get('classes', ())
+        classes = dataset_meta.get('classes', ())
         for box, score, label in zip(instances.bboxes[keep].tolist(),
                                      instances.scores[keep].tolist(),
                                      instances.labels[keep].tolist()):

@@ -3,7 +3,7 @@
 Every position of every level is a query; its reference point is its own
 pixel centre, from which it samples ``num_points`` locations on each level.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.model import BaseModule
@@ -11,6 +11,9 @@ from torch import Tensor, nn
 
 from .feedforward import FeedForward
 from .ms_deform_attn import MultiScaleDeformableAttention
+
+# (h, w) of every level as integers (symbolic integers under torch.export).
+LevelShapes = Sequence[Tuple[int, int]]
 
 
 class DeformableDetrEncoderLayer(BaseModule):
@@ -92,9 +95,14 @@ class DeformableDetrEncoder(BaseModule):
         self.embed_dims = self.layers[0].embed_dims
         self.num_levels = self.layers[0].self_attn.num_levels
 
-    def forward(self, query: Tensor, query_pos: Tensor,
-                key_padding_mask: Optional[Tensor], spatial_shapes: Tensor,
-                level_start_index: Tensor, valid_ratios: Tensor) -> Tensor:
+    def forward(self,
+                query: Tensor,
+                query_pos: Tensor,
+                key_padding_mask: Optional[Tensor],
+                spatial_shapes: Tensor,
+                level_start_index: Tensor,
+                valid_ratios: Tensor,
+                level_shapes: Optional[LevelShapes] = None) -> Tensor:
         """Encode the flattened multi-scale features.
 
         Args:
@@ -106,18 +114,24 @@ class DeformableDetrEncoder(BaseModule):
             level_start_index (Tensor): (num_levels,).
             valid_ratios (Tensor): (bs, num_levels, 2), unpadded fraction
                 (w, h) of each level.
+            level_shapes (tuple[tuple[int, int]], optional): The same (h, w)
+                as integers taken from the feature maps' shapes, which stay
+                symbolic under ``torch.export``; read from
+                ``spatial_shapes`` when None.
 
         Returns:
             Tensor: (bs, num_keys, embed_dims), the memory.
         """
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        reference_points = self.reference_points(
+            spatial_shapes if level_shapes is None else level_shapes,
+            valid_ratios)
         for layer in self.layers:
             query = layer(query, query_pos, key_padding_mask, reference_points,
                           spatial_shapes, level_start_index)
         return query
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor,
+    def reference_points(level_shapes: Union[Tensor, LevelShapes],
                          valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, as seen from every level.
 
@@ -126,28 +140,25 @@ class DeformableDetrEncoder(BaseModule):
         on every level despite the padding.
 
         Args:
-            spatial_shapes (Tensor): (num_levels, 2), (h, w) per level.
+            level_shapes (Tensor | tuple[tuple[int, int]]): (h, w) per level,
+                as a (num_levels, 2) tensor or as integers; integers from
+                the feature maps' shapes let ``torch.export`` keep the sizes
+                symbolic instead of reading tensor values.
             valid_ratios (Tensor): (bs, num_levels, 2), (w, h) fractions.
 
         Returns:
             Tensor: (bs, num_keys, num_levels, 2), normalised (x, y).
         """
+        if isinstance(level_shapes, Tensor):
+            level_shapes = level_shapes.tolist()
         device = valid_ratios.device
         per_level = []
-        for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        for level, (height, width) in enumerate(level_shapes):
+            # Pixel centres 0.5, 1.5, ...: arange is exact and, unlike
+            # linspace, accepts a symbolic size.
             centre_y, centre_x = torch.meshgrid(
-                torch.linspace(
-                    0.5,
-                    height - 0.5,
-                    height,
-                    dtype=torch.float32,
-                    device=device),
-                torch.linspace(
-                    0.5,
-                    width - 0.5,
-                    width,
-                    dtype=torch.float32,
-                    device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing='ij')
             # (bs, h * w), normalised by the image's valid extent
             centre_x = centre_x.reshape(1, -1) / (

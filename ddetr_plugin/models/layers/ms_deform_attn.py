@@ -289,6 +289,10 @@ class MultiScaleDeformableAttention(BaseModule):
                 f'{tuple(spatial_shapes.shape)}. Make num_levels of the '
                 'attention equal to the number of feature levels '
                 '(num_feature_levels of the detector, num_outs of the neck).')
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # The level sizes are graph values while exporting; the op's
+            # own checks run on them in eager mode.
+            return
         num_values = int(spatial_shapes.prod(1).sum())
         if num_values != value.shape[1]:
             raise ValueError(

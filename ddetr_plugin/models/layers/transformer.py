@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ddetr_plugin.registry import MODELS
 from .decoder import DeformableDetrDecoder
-from .encoder import DeformableDetrEncoder
+from .encoder import DeformableDetrEncoder, LevelShapes
 from .ms_deform_attn import MultiScaleDeformableAttention
 from .positional_encoding import (SinePositionalEncoding,
                                   proposal_positional_encoding)
@@ -41,6 +41,10 @@ class MultiScaleInputs(NamedTuple):
             each image on each level.
         valid_ratios (Tensor): (bs, num_levels, 2), ``valid_sizes`` divided
             by (w, h) of the level.
+        level_shapes (tuple[tuple[int, int]]): ``spatial_shapes`` as
+            integers from the feature maps' shapes: code that sizes tensors
+            by level reads these, which ``torch.export`` keeps symbolic,
+            rather than tensor values. Empty when built without them.
     """
     features: Tensor
     positions: Tensor
@@ -49,6 +53,7 @@ class MultiScaleInputs(NamedTuple):
     level_start_index: Tensor
     valid_sizes: Tensor
     valid_ratios: Tensor
+    level_shapes: LevelShapes = ()
 
 
 class Queries(NamedTuple):
@@ -209,9 +214,10 @@ class DeformableDetrTransformer(BaseModule):
             valid_sizes.append(
                 torch.stack(((~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)),
                             -1))
-        spatial_shapes = torch.tensor([f.shape[-2:] for f in features],
-                                      dtype=torch.long,
-                                      device=device)
+        level_shapes = tuple(
+            (feature.shape[-2], feature.shape[-1]) for feature in features)
+        spatial_shapes = torch.tensor(
+            level_shapes, dtype=torch.long, device=device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1),
                                        spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_sizes = torch.stack(valid_sizes, 1)
@@ -223,7 +229,8 @@ class DeformableDetrTransformer(BaseModule):
             level_start_index=level_start_index,
             valid_sizes=valid_sizes,
             valid_ratios=valid_sizes.to(torch.float32) /
-            spatial_shapes.flip(-1))
+            spatial_shapes.flip(-1),
+            level_shapes=level_shapes)
 
     def encode(self, inputs: MultiScaleInputs) -> Tensor:
         """Stage 2: the encoder's memory.
@@ -236,7 +243,8 @@ class DeformableDetrTransformer(BaseModule):
         """
         return self.encoder(inputs.features, inputs.positions,
                             inputs.padding_mask, inputs.spatial_shapes,
-                            inputs.level_start_index, inputs.valid_ratios)
+                            inputs.level_start_index, inputs.valid_ratios,
+                            inputs.level_shapes or None)
 
     def initial_queries(
             self,
@@ -324,21 +332,14 @@ class DeformableDetrTransformer(BaseModule):
         """
         batch_size = memory.shape[0]
         proposals = []
-        for level, (height,
-                    width) in enumerate(inputs.spatial_shapes.tolist()):
+        level_shapes = inputs.level_shapes or inputs.spatial_shapes.tolist()
+        for level, (height, width) in enumerate(level_shapes):
+            # Pixel indices; arange, unlike linspace, takes the symbolic
+            # sizes of torch.export.
+            options = dict(dtype=torch.float32, device=memory.device)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(
-                    0,
-                    height - 1,
-                    height,
-                    dtype=torch.float32,
-                    device=memory.device),
-                torch.linspace(
-                    0,
-                    width - 1,
-                    width,
-                    dtype=torch.float32,
-                    device=memory.device),
+                torch.arange(height, **options),
+                torch.arange(width, **options),
                 indexing='ij')
             centres = torch.stack((grid_x, grid_y), -1)
             # (bs, h, w, 2): centres normalised by each image's valid size

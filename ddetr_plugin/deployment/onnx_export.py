@@ -1,0 +1,132 @@
+"""ONNX export of the detector through ``torch.export``.
+
+The program from :func:`export_detector` goes to the ONNX exporter
+(``torch.onnx.export(..., dynamo=True)``), which writes the plugin's op in
+standard operators (:mod:`.onnx_ms_deform_attn`). The file is then checked
+by ``onnx.checker`` and ONNX shape inference.
+
+The exporter's graph optimisation is left off: it wrote invalid models for
+the refinement and two-stage variants (a Clip fusion around
+``inverse_sigmoid`` applied twice to one tensor).
+"""
+import json
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.export import ExportedProgram
+
+from .onnx_ms_deform_attn import (MIN_GRID_SAMPLE_OPSET, SAMPLING_MODES,
+                                  translation_table)
+from .requirements import require
+from .torch_export import INPUT_NAME, OUTPUT_NAMES, export_detector
+
+# The ONNX exporter of torch writes opset 18 and converts to other opsets.
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+# GridSample: measured faster than gather in ONNX Runtime on CPU (see
+# docs/benchmarks.md).
+DEFAULT_SAMPLING = 'grid_sample'
+
+
+def check_opset(sampling: str, opset: int) -> None:
+    """Raise a ValueError for a sampling mode or opset that cannot work.
+
+    Args:
+        sampling (str): ``'gather'`` or ``'grid_sample'``.
+        opset (int): Target ONNX opset.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f'--sampling must be one of {SAMPLING_MODES}, got '
+                         f'{sampling!r}.')
+    if sampling == 'grid_sample' and opset < MIN_GRID_SAMPLE_OPSET:
+        raise ValueError(
+            f'--sampling grid_sample needs --opset >= '
+            f'{MIN_GRID_SAMPLE_OPSET} (ONNX GridSample), got {opset}; use '
+            '--sampling gather or a higher opset.')
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f'--opset {opset} is too low: the model uses LayerNormalization '
+            f'and the exporter converts down to opset {MIN_OPSET} at the '
+            f'lowest; use --opset {MIN_OPSET} or higher.')
+
+
+def export_onnx(detector: nn.Module,
+                images: Tensor,
+                path: str,
+                sampling: str = DEFAULT_SAMPLING,
+                opset: int = DEFAULT_OPSET,
+                dynamic: bool = False,
+                metadata: Optional[Dict[str, object]] = None) -> str:
+    """Write the detector as an ONNX model and check it.
+
+    Args:
+        detector (nn.Module): A ``DeformableDETR`` in eval mode, on CPU.
+        images (Tensor): (bs, 3, h, w) example batch, normalised; with
+            ``dynamic``, bs must be at least 2.
+        path (str): The ``.onnx`` file to write.
+        sampling (str): How the op samples: ``'grid_sample'`` or
+            ``'gather'``.
+        opset (int): Target ONNX opset.
+        dynamic (bool): Whether batch, height and width are dynamic axes.
+        metadata (dict, optional): Stored in the model's metadata, each
+            value as JSON (e.g. the class names).
+
+    Returns:
+        str: ``path``.
+    """
+    check_opset(sampling, opset)
+    program = export_detector(detector, images, dynamic=dynamic)
+    return export_onnx_program(program, path, sampling, opset, metadata)
+
+
+def export_onnx_program(program: ExportedProgram,
+                        path: str,
+                        sampling: str = DEFAULT_SAMPLING,
+                        opset: int = DEFAULT_OPSET,
+                        metadata: Optional[Dict[str, object]] = None) -> str:
+    """Write a program of :func:`export_detector` as ONNX and check it.
+
+    Args:
+        program (ExportedProgram): ``images`` -> ``(dets, labels)``; its
+            dynamic dimensions become the ONNX model's dynamic axes.
+        path (str): The ``.onnx`` file to write.
+        sampling (str): See :func:`export_onnx`.
+        opset (int): Target ONNX opset.
+        metadata (dict, optional): See :func:`export_onnx`.
+
+    Returns:
+        str: ``path``.
+    """
+    require('onnxscript', 'The ONNX exporter of torch')
+    require('onnx', 'Checking the exported ONNX model')
+    check_opset(sampling, opset)
+    onnx_program = torch.onnx.export(
+        program,
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        custom_translation_table=translation_table(sampling, opset),
+        optimize=False)
+    for key, value in dict(metadata or {}, sampling=sampling).items():
+        onnx_program.model.metadata_props[key] = json.dumps(value)
+    onnx_program.save(path)
+    check_onnx_file(path)
+    return path
+
+
+def check_onnx_file(path: str) -> None:
+    """``onnx.checker`` and strict shape inference on a model file.
+
+    Args:
+        path (str): The ``.onnx`` file.
+
+    Raises:
+        onnx.checker.ValidationError, onnx.shape_inference
+        .InferenceError: The model is invalid.
+    """
+    onnx = require('onnx', 'Checking the exported ONNX model')
+    onnx.checker.check_model(path, full_check=True)
+    onnx.shape_inference.infer_shapes(
+        onnx.load(path), check_type=True, strict_mode=True)

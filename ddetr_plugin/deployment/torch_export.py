@@ -1,0 +1,151 @@
+"""``torch.export`` of the detector, with dynamic batch, height and width.
+
+The plugin's op stays one node, ``ddetr_plugin::ms_deform_attn_forward``:
+its fake kernel gives the output shape without running it, and the level
+sizes the model needs to size tensors come from the feature maps' shapes,
+which ``torch.export`` keeps symbolic. The exported program can be saved,
+loaded (after importing ``ddetr_plugin.ops``, which registers the op) and
+run, or handed to the ONNX exporter.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from ddetr_plugin.ops import extension_error, extension_loaded
+from .detection_wrapper import TensorDetector
+
+# The exported model's input and outputs, as MMDeploy names them.
+INPUT_NAME = 'input'
+OUTPUT_NAMES = ('dets', 'labels')
+
+
+def check_exportable(detector: nn.Module) -> None:
+    """Raise a RuntimeError when the detector cannot be exported as is.
+
+    Args:
+        detector (nn.Module): The ``DeformableDETR`` to export.
+    """
+    if not extension_loaded():
+        # The plain-PyTorch fallback reads level sizes from tensor values,
+        # which torch.export cannot trace.
+        raise RuntimeError(
+            'Exporting needs the plugin\'s compiled op, which did not load '
+            f'({extension_error()}); build it in the checkout with `pip '
+            'install --no-build-isolation -e .` (or `make setup`).')
+    if detector.training:
+        raise RuntimeError('Export the detector in eval mode: call '
+                           'detector.eval() first (dropout and batch norm '
+                           'statistics differ in training mode).')
+
+
+def example_images(height: int,
+                   width: int,
+                   batch_size: int = 1,
+                   seed: int = 0) -> Tensor:
+    """A random normalised image batch to trace the model with.
+
+    Args:
+        height (int): Image height.
+        width (int): Image width.
+        batch_size (int): Images. Use 2 or more for a dynamic batch:
+            ``torch.export`` fixes a dimension it sees with size 1.
+        seed (int): Seed of the values.
+
+    Returns:
+        Tensor: (batch_size, 3, height, width) float32.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, height, width, generator=generator)
+
+
+def dynamic_image_shapes() -> dict:
+    """Batch, height and width of the image batch, all dynamic.
+
+    Below 65 px the smallest level (stride 64) has a side of 1, a size that
+    ``torch.export`` specialises, so sides start at 65.
+    """
+    return {
+        'images': {
+            0: Dim('batch', min=1, max=64),
+            2: Dim('height', min=65, max=4096),
+            3: Dim('width', min=65, max=4096)
+        }
+    }
+
+
+def export_detector(detector: nn.Module,
+                    images: Tensor,
+                    dynamic: bool = False,
+                    max_per_img: Optional[int] = None) -> ExportedProgram:
+    """``torch.export`` the detector's tensor forward.
+
+    Args:
+        detector (nn.Module): A ``DeformableDETR`` in eval mode, on CPU.
+        images (Tensor): (bs, 3, h, w) example batch, normalised; with
+            ``dynamic``, bs must be at least 2.
+        dynamic (bool): Whether batch, height and width are dynamic.
+            Defaults to False (the example's shape is fixed).
+        max_per_img (int, optional): Detections per image; defaults to the
+            head's ``test_cfg.max_per_img``.
+
+    Returns:
+        ExportedProgram: ``images`` -> ``(dets, labels)``, see
+        :class:`TensorDetector`.
+    """
+    check_exportable(detector)
+    if images.dim() != 4 or images.shape[1] != 3 or \
+            images.dtype != torch.float32:
+        raise ValueError('The example images must be a (bs, 3, h, w) '
+                         'float32 batch; got '
+                         f'{tuple(images.shape)} {images.dtype}.')
+    if dynamic and images.shape[0] < 2:
+        raise ValueError('A dynamic batch needs an example of at least 2 '
+                         'images (torch.export fixes a size-1 dimension); '
+                         f'got {images.shape[0]}.')
+    wrapper = TensorDetector(detector, max_per_img).eval()
+    with torch.no_grad():
+        try:
+            return torch.export.export(
+                wrapper, (images, ),
+                dynamic_shapes=dynamic_image_shapes() if dynamic else None)
+        except Exception as error:
+            _explain_backbone_failure(detector, images, error)
+            raise
+
+
+def _explain_backbone_failure(detector: nn.Module, images: Tensor,
+                              error: Exception) -> None:
+    """Raise a clearer error when the backbone alone cannot export."""
+    try:
+        torch.export.export(detector.backbone, (images, ))
+    except Exception as backbone_error:
+        raise RuntimeError(
+            f'The backbone {type(detector.backbone).__name__} cannot be '
+            f'traced by torch.export ({type(backbone_error).__name__}: '
+            f'{str(backbone_error).splitlines()[0]}). Use a backbone whose '
+            'forward has no Python control flow on tensor values (e.g. '
+            'mmdet\'s ResNet), or fix that forward.') from error
+
+
+def save_program(program: ExportedProgram, path: str) -> None:
+    """Write an exported program to ``path`` (a ``.pt2`` file)."""
+    torch.export.save(program, path)
+
+
+def load_program(path: str) -> ExportedProgram:
+    """Read an exported program; registers the plugin's op first.
+
+    Args:
+        path (str): A file written by :func:`save_program`.
+
+    Returns:
+        ExportedProgram: Call ``.module()(images)`` to run it.
+    """
+    if not extension_loaded():
+        raise RuntimeError(
+            f'Loading {path!r} needs the plugin\'s compiled op, which did not '
+            f'load ({extension_error()}); build it with `pip install '
+            '--no-build-isolation -e .`.')
+    return torch.export.load(path)

@@ -1,0 +1,137 @@
+"""Export a trained Deformable DETR to ONNX, check it, and compare it with
+PyTorch.
+
+    python tools/deployment/export_onnx.py CONFIG CHECKPOINT --out FILE.onnx
+        [--shape H W] [--dynamic] [--opset 18]
+        [--sampling {grid_sample,gather}]
+
+The model takes ``input`` (N, 3, H, W) float32, the image already resized,
+normalised and padded as the config's test pipeline and data preprocessor
+do, and returns ``dets`` (N, K, 5) float32, (x1, y1, x2, y2, score) in
+pixels of the input, sorted by score, and ``labels`` (N, K) int64, K = the
+config's ``max_per_img``. ``--dynamic`` makes N, H and W dynamic; without
+``--shape`` the config's test scale is used. The multi-scale deformable
+attention is written in standard ONNX operators (GridSample or Gather), so
+ONNX Runtime and TensorRT need no plugin.
+
+After writing, the file is checked by ``onnx.checker`` and ONNX shape
+inference, run in ONNX Runtime on a random input and compared with PyTorch.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+# The tool runs from a checkout without installing the package.
+sys.path.insert(0,
+                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+import torch
+from mmdet.apis import init_detector
+from mmengine.config import DictAction
+
+import ddetr_plugin  # noqa: F401
+from ddetr_plugin.deployment import TensorDetector, example_images
+from ddetr_plugin.deployment.config_inputs import test_input_shape
+from ddetr_plugin.deployment.onnx_export import (DEFAULT_OPSET,
+                                                 DEFAULT_SAMPLING, check_opset,
+                                                 export_onnx)
+from ddetr_plugin.deployment.onnx_ms_deform_attn import SAMPLING_MODES
+from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
+from ddetr_plugin.engine import checkpoint_check, launch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Export Deformable DETR to ONNX (dets, labels)')
+    parser.add_argument('config', help='config file of the model')
+    parser.add_argument('checkpoint', help='checkpoint of the model')
+    parser.add_argument('--out', required=True, help='the .onnx to write')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help='input height and width (default: the config\'s test scale)')
+    parser.add_argument(
+        '--dynamic',
+        action='store_true',
+        help='make batch (1-64), height and width (65-4096 px) dynamic '
+        'axes')
+    parser.add_argument(
+        '--opset',
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f'ONNX opset (default {DEFAULT_OPSET})')
+    parser.add_argument(
+        '--sampling',
+        choices=SAMPLING_MODES,
+        default=DEFAULT_SAMPLING,
+        help='how the deformable attention samples: GridSample (opset >= '
+        '16) or Gather (any opset; for TensorRT versions that miscompile '
+        f'GridSample). Default {DEFAULT_SAMPLING}, measured faster in ONNX '
+        'Runtime')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, as key=value pairs')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Refuse a bad opset before the slow model build.
+    check_opset(args.sampling, args.opset)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(
+            f'checkpoint {args.checkpoint!r} does not exist')
+    if not args.out.endswith('.onnx'):
+        raise ValueError(f'--out must name a .onnx file, got {args.out!r}')
+    cfg = launch.load_config(args.config, args.cfg_options)
+    model = init_detector(cfg, args.checkpoint, device='cpu').eval()
+    checkpoint_check.check_checkpoint_matches(model, args.checkpoint)
+
+    height, width = args.shape or test_input_shape(cfg)
+    # torch.export fixes a batch size of 1: trace a dynamic batch with 2.
+    images = example_images(height, width, batch_size=2 if args.dynamic else 1)
+    out_dir = osp.dirname(osp.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    # Class names and colours let the ONNX demo draw as the PyTorch one.
+    dataset_meta = model.dataset_meta or {}
+    metadata = dict(
+        classes=list(dataset_meta.get('classes', ()) or ()),
+        palette=[list(color) for color in dataset_meta.get('palette', ())],
+        input_shape=[None if args.dynamic else 1, 3, height, width],
+        config=osp.basename(args.config))
+    export_onnx(
+        model,
+        images,
+        args.out,
+        sampling=args.sampling,
+        opset=args.opset,
+        dynamic=args.dynamic,
+        metadata=metadata)
+    print(f'wrote {args.out} ({osp.getsize(args.out) / 2**20:.1f} MiB, '
+          f'opset {args.opset}, sampling {args.sampling}); onnx.checker '
+          'and shape inference passed')
+
+    with torch.no_grad():
+        torch_dets, torch_labels = TensorDetector(model)(images)
+    onnx_dets, onnx_labels = OnnxRuntimeDetector(args.out)(images)
+    onnx_dets = torch.from_numpy(onnx_dets)
+    same_labels = bool((torch.from_numpy(onnx_labels) == torch_labels).all())
+    score_error = (onnx_dets[..., 4] - torch_dets[..., 4]).abs().max()
+    box_error = (onnx_dets[..., :4] - torch_dets[..., :4]).abs().max()
+    print(f'ONNX Runtime against PyTorch on a random {tuple(images.shape)} '
+          f'input: labels {"equal" if same_labels else "DIFFER"}, largest '
+          f'score difference {score_error:.2e}, largest box difference '
+          f'{box_error:.2e} px')
+    print(f'input "input" {OnnxRuntimeDetector(args.out).input_shape}, '
+          'outputs "dets" (N, K, 5) (x1, y1, x2, y2, score) and "labels" '
+          '(N, K)')
+    return 0 if same_labels else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
