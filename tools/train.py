@@ -113,8 +113,13 @@ def main(argv=None) -> int:
         # would train from mostly random weights (load_from) or crash in
         # the first optimizer step (--resume). Checked before the data
         # sets are even read.
-        checkpoint_check.check_checkpoint_matches(runner.model, checkpoint,
-                                                  args.config)
+        # Fine-tuning (load_from) may change num_classes; a resumed run
+        # must be the same model, optimizer state included.
+        checkpoint_check.check_checkpoint_matches(
+            runner.model,
+            checkpoint,
+            args.config,
+            allow_class_change=not cfg.get('resume'))
     # mmdet checkpoints: weights and optimizer state converted in memory.
     runner.register_hook(MmdetCheckpointHook())
     runner.train()

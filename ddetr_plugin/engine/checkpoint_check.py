@@ -11,11 +11,17 @@ missing, unexpected and mis-shaped keys.
 Weights in the layout of MMDetection 3.x's Deformable DETR pass when,
 renamed in memory, they fit the model exactly (the model renames them again
 as it loads them); weights of the official repository get the command of
-their converter.
+their converter. With ``allow_class_change`` (``load_from`` in
+``tools/train.py``), weights that differ only in the head's classification
+layers pass with a warning: the usual fine-tuning on data with another
+number of classes.
 """
+import logging
+import re
 from typing import Dict, List, Optional
 
 import torch
+from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner.checkpoint import _load_checkpoint
 
@@ -87,9 +93,25 @@ def _raise_if_foreign(state: Dict[str, object], filename: str,
             conversion_hint(layout, filename, config))
 
 
+# The classification layers of the head: their first axis is the number
+# of classes, the one thing a fine-tuning run changes on purpose.
+CLASS_LAYER_PATTERN = re.compile(
+    r'^bbox_head\.cls_branches\.\d+\.(weight|bias): ')
+
+
+def _class_layers_only(differences: Dict) -> bool:
+    """True when the only differences are the classification layers'
+    shapes (a model of the same architecture with another class count)."""
+    mismatched = differences['mismatched']
+    return (not differences['missing'] and not differences['unexpected']
+            and bool(mismatched)
+            and all(CLASS_LAYER_PATTERN.match(key) for key in mismatched))
+
+
 def check_checkpoint_matches(model: torch.nn.Module,
                              filename: str,
-                             config: Optional[str] = None) -> None:
+                             config: Optional[str] = None,
+                             allow_class_change: bool = False) -> None:
     """Raise unless ``filename`` holds exactly the weights of ``model``.
 
     Args:
@@ -98,6 +120,11 @@ def check_checkpoint_matches(model: torch.nn.Module,
             through the plugin's weights-only loader for local files).
         config (str, optional): The config the model was built from,
             quoted in the converter command when the weights need one.
+        allow_class_change (bool): Accept weights that differ only in the
+            head's classification layers (fine-tuning with another
+            ``num_classes`` through ``load_from``), with a warning: MMEngine
+            then leaves those layers at their initial values. Defaults to
+            False.
 
     Raises:
         CheckpointMismatchError: Naming the converter to run for weights in
@@ -118,6 +145,15 @@ def check_checkpoint_matches(model: torch.nn.Module,
             ) from None
         return
     differences = compare_state_dicts(model.state_dict(), state)
+    if allow_class_change and _class_layers_only(differences):
+        print_log(
+            f'load_from {filename!r}: the classification layers differ in '
+            'shape (another num_classes); they are not loaded and start '
+            'from their initial values: ' +
+            '; '.join(differences['mismatched']),
+            logger='current',
+            level=logging.WARNING)
+        return
     if any(differences.values()):
         _raise_if_foreign(state, filename, config)
         raise CheckpointMismatchError(

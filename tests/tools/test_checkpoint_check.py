@@ -117,3 +117,42 @@ def test_own_layout_must_fit_exactly(tmp_path):
     path = _save(tmp_path, {key: torch.zeros(1) for key in PLUGIN_KEYS})
     with pytest.raises(CheckpointMismatchError, match='missing keys'):
         check_checkpoint_matches(TwoLayers(), path)
+
+
+class TinyHead(nn.Module):
+    """Keys named like the detector's: a box branch and class branches."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.bbox_head = nn.Module()
+        self.bbox_head.reg_branches = nn.ModuleList([nn.Linear(4, 4)])
+        self.bbox_head.cls_branches = nn.ModuleList(
+            [nn.Linear(4, num_classes) for _ in range(2)])
+
+
+def test_fine_tuning_may_change_only_the_class_count(tmp_path):
+    from mmengine.runner.checkpoint import load_checkpoint
+    path = _save(tmp_path, TinyHead(num_classes=80).state_dict())
+    model = TinyHead(num_classes=3)
+    initial = model.bbox_head.cls_branches[0].weight.detach().clone()
+    # Refused by default (tools/test.py, --resume) ...
+    with pytest.raises(CheckpointMismatchError, match='cls_branches'):
+        check_checkpoint_matches(model, path)
+    # ... accepted for load_from, and MMEngine's load then keeps the
+    # class layers at their initial values and loads everything else.
+    check_checkpoint_matches(model, path, allow_class_change=True)
+    load_checkpoint(model, path, strict=False)
+    saved = torch.load(path)['state_dict']
+    assert torch.equal(model.bbox_head.cls_branches[0].weight, initial)
+    assert torch.equal(model.bbox_head.reg_branches[0].weight,
+                       saved['bbox_head.reg_branches.0.weight'])
+
+
+def test_class_change_does_not_excuse_other_differences(tmp_path):
+    state = TinyHead(num_classes=80).state_dict()
+    state['bbox_head.reg_branches.0.weight'] = torch.zeros(5, 4)
+    with pytest.raises(CheckpointMismatchError, match='reg_branches'):
+        check_checkpoint_matches(
+            TinyHead(num_classes=3),
+            _save(tmp_path, state),
+            allow_class_change=True)
