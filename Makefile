@@ -69,8 +69,12 @@ lint: setup
 cuda-check: setup
 	$(BIN)/python tools/misc/cuda_compile_check.py
 
+# Two workers, one test file each at a time (module fixtures stay whole);
+# most tests are single-threaded subprocess runs of the tools, so on two
+# cores this halves the wall time.
+TEST_WORKERS ?= 2
 test: setup lint cuda-check
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf build *.egg-info ddetr_plugin/*.so $(EXT_STAMP)

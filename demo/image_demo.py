@@ -34,12 +34,12 @@ import torch
 from mmdet.apis import inference_detector, init_detector
 from mmdet.structures import DetDataSample
 from mmengine.config import DictAction
-from mmengine.dataset import Compose
 
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.engine import checkpoint_check, launch
 from ddetr_plugin.registry import VISUALIZERS
+from ddetr_plugin.visualization import inference_pipeline
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -94,21 +94,11 @@ def list_images(path: str) -> List[str]:
     raise FileNotFoundError(f'image {path!r} does not exist')
 
 
-def inference_pipeline(cfg) -> Compose:
-    """The config's test pipeline without its annotation loading, which an
-    arbitrary image does not have."""
-    pipeline = [
-        transform for transform in cfg.test_dataloader.dataset.pipeline
-        if not str(transform['type']).endswith('LoadAnnotations')
-    ]
-    return Compose(pipeline)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     images = list_images(args.image)
     cfg = launch.load_config(args.config, args.cfg_options)
-    pipeline = inference_pipeline(cfg)
+    pipeline = inference_pipeline(cfg.test_dataloader.dataset.pipeline)
     if args.onnx:
         # Imported here: ONNX Runtime is needed only on this path.
         from ddetr_plugin.deployment.onnx_runtime import OnnxTestModel
