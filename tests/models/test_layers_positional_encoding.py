@@ -57,3 +57,15 @@ def test_mask_of_wrong_rank_is_refused():
     encoding = SinePositionalEncoding(num_feats=8)
     with pytest.raises(ValueError, match=r'\(bs, h, w\), got \(5, 7\)'):
         encoding(torch.zeros(5, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize('normalize, offset', [(True, -0.5), (False, 0.0)])
+def test_unpadded_encoding_is_the_all_valid_mask_to_the_bit(normalize, offset):
+    encoding = SinePositionalEncoding(64, normalize=normalize, offset=offset)
+    # Odd, single-row/column and R50-like level sizes.
+    for height, width in ((1, 1), (1, 17), (7, 13), (25, 38), (100, 152)):
+        expected = encoding(torch.zeros(2, height, width, dtype=torch.bool))
+        result = encoding.forward_unpadded(2, height, width,
+                                           torch.device('cpu'))
+        assert result.shape == expected.shape
+        assert torch.equal(result, expected), (height, width)

@@ -126,6 +126,43 @@ class SinePositionalEncoding(BaseModule):
         pos_y = _interleave_sin_cos(y_embed[..., None] / frequencies)
         return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
 
+    def forward_unpadded(self, batch_size: int, height: int, width: int,
+                         device: torch.device) -> Tensor:
+        """The encoding of maps without padding, ``forward`` of an
+        all-False mask, to the bit.
+
+        Without padding a row's coordinate is its index, so each axis is
+        encoded once (h + w positions instead of 2 * h * w) and broadcast.
+        This also keeps ``torch.export`` fast: on dynamic sizes every op on
+        an (h, w) tensor costs symbolic shape arithmetic.
+
+        Args:
+            batch_size (int): Images.
+            height (int): Map height.
+            width (int): Map width.
+            device (torch.device): Device of the result.
+
+        Returns:
+            Tensor: (bs, 2 * num_feats, h, w).
+        """
+        # 1-based coordinates, as the cumulative sum of a valid row gives.
+        y_embed = torch.arange(
+            1, height + 1, dtype=torch.float32, device=device)
+        x_embed = torch.arange(
+            1, width + 1, dtype=torch.float32, device=device)
+        if self.normalize:
+            y_embed = (y_embed + self.offset) / (y_embed[-1:] +
+                                                 self.eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[-1:] +
+                                                 self.eps) * self.scale
+        frequencies = _frequencies(self.num_feats, self.temperature, device)
+        # (h, num_feats) and (w, num_feats)
+        pos_y = _interleave_sin_cos(y_embed[:, None] / frequencies)
+        pos_x = _interleave_sin_cos(x_embed[:, None] / frequencies)
+        pos_y = pos_y.t()[None, :, :, None].expand(batch_size, -1, -1, width)
+        pos_x = pos_x.t()[None, :, None, :].expand(batch_size, -1, height, -1)
+        return torch.cat((pos_y, pos_x), dim=1)
+
 
 def proposal_positional_encoding(proposals: Tensor,
                                  num_feats: int = 128,

@@ -196,6 +196,10 @@ class DeformableDetrTransformer(BaseModule):
         batch_size = features[0].shape[0]
         device = features[0].device
         flat_features, flat_positions, flat_masks, valid_sizes = [], [], [], []
+        # Unpadded maps are encoded per axis when the encoding can (the
+        # plugin's SinePositionalEncoding): same values, less work.
+        encode_unpadded = getattr(self.positional_encoding, 'forward_unpadded',
+                                  None)
         for level, feature in enumerate(features):
             height, width = feature.shape[-2:]
             if masks is None:
@@ -205,7 +209,11 @@ class DeformableDetrTransformer(BaseModule):
             else:
                 mask = masks[level]
                 flat_masks.append(mask.flatten(1))
-            position = self.positional_encoding(mask).to(feature.dtype)
+            if masks is None and encode_unpadded is not None:
+                position = encode_unpadded(batch_size, height, width, device)
+            else:
+                position = self.positional_encoding(mask)
+            position = position.to(feature.dtype)
             # (bs, c, h, w) -> (bs, h * w, c)
             flat_features.append(feature.flatten(2).transpose(1, 2))
             flat_positions.append(
