@@ -10,6 +10,7 @@ the refinement and two-stage variants (a Clip fusion around
 ``inverse_sigmoid`` applied twice to one tensor).
 """
 import json
+import re
 from typing import Dict, Optional
 
 import torch
@@ -20,6 +21,9 @@ from .onnx_ms_deform_attn import (MIN_GRID_SAMPLE_OPSET, SAMPLING_MODES,
                                   translation_table)
 from .requirements import require
 from .torch_export import INPUT_NAME, OUTPUT_NAMES, export_detector
+
+# Names of the input's dynamic axes, by position in (N, 3, H, W).
+DYNAMIC_AXIS_NAMES = {0: 'batch', 2: 'height', 3: 'width'}
 
 # The ONNX exporter of torch writes opset 18 and converts to other opsets.
 DEFAULT_OPSET = 18
@@ -109,11 +113,56 @@ def export_onnx_program(program: ExportedProgram,
         opset_version=opset,
         custom_translation_table=translation_table(sampling, opset),
         optimize=False)
+    name_dynamic_axes(onnx_program.model)
     for key, value in dict(metadata or {}, sampling=sampling).items():
         onnx_program.model.metadata_props[key] = json.dumps(value)
     onnx_program.save(path)
     check_onnx_file(path)
     return path
+
+
+def name_dynamic_axes(model) -> Dict[str, str]:
+    """Give the input's dynamic axes the names ``batch``, ``height`` and
+    ``width`` in every shape of the model.
+
+    The exporter names them after torch.export's symbols (``s34``...), and
+    writes sizes derived from them as expressions (``2*s34``); both are
+    rewritten, so that ONNX Runtime and TensorRT users see
+    ``input: [batch, 3, height, width]`` and ``dets: [batch, K, 5]``.
+
+    Args:
+        model (onnx_ir.Model): The exporter's model, changed in place.
+
+    Returns:
+        dict: The symbols renamed, e.g. ``{'s34': 'batch'}``; empty for a
+        model of fixed size.
+    """
+    ir = require('onnx_ir', 'Naming the dynamic axes')
+    graph = model.graph
+    image_input = graph.inputs[0]
+    renames = {}
+    for axis, name in DYNAMIC_AXIS_NAMES.items():
+        dim = image_input.shape[axis]
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            renames[dim.value] = name
+    if not renames:
+        return renames
+    # Whole symbols only: ``s3`` must not touch ``s34``.
+    pattern = re.compile(r'\b(' + '|'.join(map(re.escape, renames)) + r')\b')
+
+    def rename(dim):
+        if not isinstance(dim, ir.SymbolicDim) or not dim.value:
+            return dim
+        return ir.SymbolicDim(
+            pattern.sub(lambda match: renames[match.group(1)], dim.value))
+
+    values = list(graph.inputs) + list(graph.outputs)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        values.extend(node.outputs)
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([rename(dim) for dim in value.shape])
+    return renames
 
 
 def check_onnx_file(path: str) -> None:

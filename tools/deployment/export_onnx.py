@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     metadata = dict(
         classes=list(dataset_meta.get('classes', ()) or ()),
         palette=[list(color) for color in dataset_meta.get('palette', ())],
-        input_shape=[None if args.dynamic else 1, 3, height, width],
+        input_shape=(['batch', 3, 'height', 'width']
+                     if args.dynamic else [1, 3, height, width]),
         config=osp.basename(args.config))
     export_onnx(
         model,
