@@ -107,18 +107,29 @@ def assert_same_detections(dets, labels, expected_dets, expected_labels):
 
 
 @pytest.fixture(scope='session')
-def two_stage_program():
-    """The toy-sized two-stage model and its dynamic ``torch.export``
-    program (batch, height and width), traced at 2 x 96 x 128.
+def dynamic_program():
+    """``dynamic_program(variant)``: the toy-sized model of ``variant`` and
+    its ``torch.export`` program with dynamic batch, height and width,
+    traced at 2 x 96 x 128.
 
-    Exporting is the slow part of these tests, so the torch.export test and
-    both ONNX sampling modes share this one program.
+    Exporting is the slow part of these tests (about 20 s a variant on two
+    cores, most of it torch.export's symbolic tracing), so each variant is
+    exported once per test session and shared.
     """
     from ddetr_plugin.deployment import example_images, export_detector
-    model = build_model('two_stage')
-    program = export_detector(
-        model, example_images(96, 128, batch_size=2), dynamic=True)
-    return model, program
+    programs = {}
+
+    def get(variant: str):
+        if variant not in programs:
+            model = build_model(variant)
+            programs[variant] = (model,
+                                 export_detector(
+                                     model,
+                                     example_images(96, 128, batch_size=2),
+                                     dynamic=True))
+        return programs[variant]
+
+    return get
 
 
 @pytest.fixture(scope='session')
