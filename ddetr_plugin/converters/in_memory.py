@@ -17,7 +17,7 @@ needs the variant and the class remapping.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -56,19 +56,27 @@ def rename_for_model(keys, model_keys) -> Dict[str, str]:
     return names
 
 
-def convert_for_model(state_dict: Mapping[str, Tensor],
-                      model: nn.Module) -> 'OrderedDict[str, Tensor]':
+def convert_for_model(
+    state_dict: Mapping[str, Tensor],
+    model: nn.Module,
+    allow_class_change: bool = False
+) -> Tuple['OrderedDict[str, Tensor]', List[str]]:
     """mmdet 3.x weights renamed for ``model``, checked to fit it exactly.
 
     Args:
         state_dict (Mapping[str, Tensor]): mmdet's ``DeformableDETR`` state
             dict (no wrapper prefix).
         model (nn.Module): The plugin's detector.
+        allow_class_change (bool): Accept classification layers of another
+            class count when nothing else differs (fine-tuning). Defaults
+            to False.
 
     Returns:
-        OrderedDict[str, Tensor]: The weights under the model's names; neck
-        convolutions the plugin's neck gives a bias and mmdet's does not get
-        a zero bias, which computes the same.
+        tuple[OrderedDict[str, Tensor], list[str]]: The weights under the
+        model's names (neck convolutions the plugin's neck gives a bias and
+        mmdet's does not get a zero bias, which computes the same), and the
+        classification layers of another shape that were accepted (see
+        ``check_state_dict``).
 
     Raises:
         CheckpointMismatchError: Naming every missing, unexpected or
@@ -83,8 +91,7 @@ def convert_for_model(state_dict: Mapping[str, Tensor],
         weight = converted.get(match.group(1) + 'weight') if match else None
         if weight is not None and key not in converted:
             converted[key] = weight.new_zeros(weight.shape[0])
-    check_state_dict(model, converted)
-    return converted
+    return converted, check_state_dict(model, converted, allow_class_change)
 
 
 def convert_in_place(state_dict: Dict[str, Tensor], prefix: str,
@@ -119,16 +126,27 @@ def convert_in_place(state_dict: Dict[str, Tensor], prefix: str,
     mmdet_state = OrderedDict(
         (key, state_dict.pop(full)) for key, full in own.items())
     try:
-        converted = convert_for_model(mmdet_state, model)
+        # Classification layers of another class count pass here, as they
+        # do for weights in the plugin's layout: MMEngine's loader skips
+        # them with a warning. The tools decide beforehand whether that is
+        # allowed (load_from) or not (test, --resume); see
+        # ``ddetr_plugin.engine.checkpoint_check``.
+        converted, class_layers = convert_for_model(
+            mmdet_state, model, allow_class_change=True)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(
             'The weights are in the layout of MMDetection 3.x\'s Deformable '
             f'DETR, but do not fit {type(model).__name__}: {error}') from None
     state_dict.update(
         (prefix + key, value) for key, value in converted.items())
-    return (f'Loaded weights in the layout of MMDetection 3.x\'s Deformable '
-            f'DETR: {len(mmdet_state)} tensors converted in memory to the '
-            'plugin\'s layout and checked to fit the model exactly.')
+    message = (f'Loaded weights in the layout of MMDetection 3.x\'s '
+               f'Deformable DETR: {len(mmdet_state)} tensors converted in '
+               'memory to the plugin\'s layout and checked to fit the model')
+    if class_layers:
+        return (message + ', except the classification layers, which have '
+                'another number of classes and keep their initial values: ' +
+                '; '.join(class_layers))
+    return message + ' exactly.'
 
 
 def _parameter_order(state_keys: List[str], names: Mapping[str, str],

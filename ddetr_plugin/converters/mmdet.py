@@ -118,12 +118,13 @@ class CheckpointMismatchError(ValueError):
 
 def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
     """A suggestion for a known kind of shape mismatch, or ''."""
-    if re.match(r'^bbox_head\.cls_branches\.\d+\.(weight|bias)$', key):
+    if CLASS_LAYER_KEY.match(key):
         return (f' The checkpoint was trained with {received[0]} classes and '
                 f'the model has {expected[0]}: set '
                 f'model.bbox_head.num_classes={received[0]} to use the '
-                'checkpoint as is, or drop the bbox_head.cls_branches '
-                'entries to fine-tune on your classes.')
+                'checkpoint as is; to fine-tune on your classes, give it '
+                'as load_from to tools/train.py, which loads all but these '
+                'layers.')
     if key.endswith('query_embedding.weight'):
         return (f' Set model.num_queries={received[0]} as in the '
                 'checkpoint.')
@@ -133,17 +134,41 @@ def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
     return ''
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str,
-                                                           Tensor]) -> None:
+# The head's classification layers: their first axis is the number of
+# classes, the one thing a fine-tuning run changes on purpose.
+CLASS_LAYER_KEY = re.compile(r'^bbox_head\.cls_branches\.\d+\.(weight|bias)$')
+
+
+def check_state_dict(model: nn.Module,
+                     state_dict: Mapping[str, Tensor],
+                     allow_class_change: bool = False) -> List[str]:
     """Raise unless ``state_dict`` has exactly the model's keys and shapes.
 
     Args:
         model (nn.Module): The plugin model.
         state_dict (Mapping[str, Tensor]): A converted state dict.
+        allow_class_change (bool): Accept a different shape in the head's
+            classification layers when nothing else differs (fine-tuning
+            on another ``num_classes``). Defaults to False.
+
+    Returns:
+        list[str]: The classification layers accepted with another shape,
+        as ``'key: (checkpoint shape) vs (model shape)'``; empty unless
+        ``allow_class_change``.
     """
     expected: Dict[str, Tensor] = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    reshaped = [
+        key for key in sorted(set(expected) & set(state_dict))
+        if expected[key].shape != state_dict[key].shape
+    ]
+    if (allow_class_change and reshaped and not missing and not unexpected
+            and all(CLASS_LAYER_KEY.match(key) for key in reshaped)):
+        return [
+            f'{key}: {tuple(state_dict[key].shape)} vs '
+            f'{tuple(expected[key].shape)}' for key in reshaped
+        ]
     problems = []
     if missing:
         problems.append(f'missing keys (in the model, not in the checkpoint): '
@@ -162,6 +187,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str,
             'The checkpoint does not fit the model (check that both use the '
             'same variant flags, num_classes, num_queries and '
             'num_feature_levels):\n  ' + '\n  '.join(problems))
+    return []
 
 
 def load_converted(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

@@ -12,9 +12,9 @@ Weights in the layout of MMDetection 3.x's Deformable DETR pass when,
 renamed in memory, they fit the model exactly (the model renames them again
 as it loads them); weights of the official repository get the command of
 their converter. With ``allow_class_change`` (``load_from`` in
-``tools/train.py``), weights that differ only in the head's classification
-layers pass with a warning: the usual fine-tuning on data with another
-number of classes.
+``tools/train.py``), weights of either layout that differ only in the
+head's classification layers pass with a warning: the usual fine-tuning on
+data with another number of classes (e.g. from mmdet's COCO checkpoint).
 """
 import logging
 import re
@@ -108,6 +108,18 @@ def _class_layers_only(differences: Dict) -> bool:
             and all(CLASS_LAYER_PATTERN.match(key) for key in mismatched))
 
 
+def _warn_class_change(filename: str, class_layers: List[str]) -> None:
+    """Say which classification layers load_from leaves unloaded."""
+    if not class_layers:
+        return
+    print_log(
+        f'load_from {filename!r}: the classification layers differ in '
+        'shape (another num_classes); they are not loaded and start '
+        'from their initial values: ' + '; '.join(class_layers),
+        logger='current',
+        level=logging.WARNING)
+
+
 def check_checkpoint_matches(model: torch.nn.Module,
                              filename: str,
                              config: Optional[str] = None,
@@ -136,23 +148,19 @@ def check_checkpoint_matches(model: torch.nn.Module,
     state = _load_state_dict(filename)
     if foreign_layout(state) == 'mmdet':
         try:
-            convert_for_model(state, model)
+            _, class_layers = convert_for_model(state, model,
+                                                allow_class_change)
         except CheckpointMismatchError as error:
             raise CheckpointMismatchError(
                 f'checkpoint {filename!r} holds weights in the layout of '
                 'MMDetection 3.x\'s Deformable DETR that do not fit the '
                 f'model {type(model).__name__} of the config: {error}'
             ) from None
+        _warn_class_change(filename, class_layers)
         return
     differences = compare_state_dicts(model.state_dict(), state)
     if allow_class_change and _class_layers_only(differences):
-        print_log(
-            f'load_from {filename!r}: the classification layers differ in '
-            'shape (another num_classes); they are not loaded and start '
-            'from their initial values: ' +
-            '; '.join(differences['mismatched']),
-            logger='current',
-            level=logging.WARNING)
+        _warn_class_change(filename, differences['mismatched'])
         return
     if any(differences.values()):
         _raise_if_foreign(state, filename, config)

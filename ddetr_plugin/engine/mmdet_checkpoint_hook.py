@@ -54,8 +54,14 @@ class MmdetCheckpointHook(Hook):
             return
         model = runner.model.module if is_model_wrapper(
             runner.model) else runner.model
+        # Only a resumed run loads the optimizer state (MMEngine keeps the
+        # flag private); only a training run has built its optimizer.
+        resuming = getattr(runner, '_resume', False)
         try:
-            checkpoint['state_dict'] = convert_for_model(state, model)
+            # load_from may bring another class count (fine-tuning): those
+            # layers keep their initial values, as tools/train.py warns.
+            checkpoint['state_dict'], class_layers = convert_for_model(
+                state, model, allow_class_change=not resuming)
         except CheckpointMismatchError as error:
             raise CheckpointMismatchError(
                 'The checkpoint is in the layout of MMDetection 3.x\'s '
@@ -65,15 +71,16 @@ class MmdetCheckpointHook(Hook):
         optimizer_state = checkpoint.get('optimizer')
         optim_wrapper = getattr(runner, 'optim_wrapper', None)
         optimizer = getattr(optim_wrapper, 'optimizer', None)
-        # Only a resumed run loads the optimizer state (MMEngine keeps the
-        # flag private); only a training run has built its optimizer.
-        resuming = getattr(runner, '_resume', False)
         if resuming and isinstance(optimizer_state, dict) and isinstance(
                 optimizer, Optimizer):
             checkpoint['optimizer'] = reorder_optimizer_state(
                 optimizer_state, list(state), model, optimizer)
             converted = 'weights and optimizer state'
+        fit = ('exactly' if not class_layers else
+               'except the classification layers, which have another '
+               'number of classes and keep their initial values: ' +
+               '; '.join(class_layers))
         runner.logger.info(
             'Loaded a checkpoint in the layout of MMDetection 3.x\'s '
             f'Deformable DETR: {converted} converted in memory to the '
-            'plugin\'s layout and checked to fit the model exactly.')
+            f'plugin\'s layout and checked to fit the model {fit}.')
