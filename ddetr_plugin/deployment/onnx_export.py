@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
-from .onnx_ms_deform_attn import (MIN_GRID_SAMPLE_OPSET, SAMPLING_MODES,
+from .onnx_ms_deform_attn import (EXPORT_MODES, MIN_GRID_SAMPLE_OPSET,
+                                  register_tensorrt_plugin_schema,
                                   translation_table)
 from .requirements import require
 from .torch_export import INPUT_NAME, OUTPUT_NAMES, export_detector
@@ -40,8 +41,8 @@ def check_opset(sampling: str, opset: int) -> None:
         sampling (str): ``'gather'`` or ``'grid_sample'``.
         opset (int): Target ONNX opset.
     """
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f'--sampling must be one of {SAMPLING_MODES}, got '
+    if sampling not in EXPORT_MODES:
+        raise ValueError(f'--sampling must be one of {EXPORT_MODES}, got '
                          f'{sampling!r}.')
     if sampling == 'grid_sample' and opset < MIN_GRID_SAMPLE_OPSET:
         raise ValueError(
@@ -69,8 +70,9 @@ def export_onnx(detector: nn.Module,
         images (Tensor): (bs, 3, h, w) example batch, normalised; with
             ``dynamic``, bs must be at least 2.
         path (str): The ``.onnx`` file to write.
-        sampling (str): How the op samples: ``'grid_sample'`` or
-            ``'gather'``.
+        sampling (str): How the op is written: ``'grid_sample'`` or
+            ``'gather'`` (standard operators), or ``'trt_plugin'``
+            (TensorRT's plugin node, which ONNX Runtime cannot run).
         opset (int): Target ONNX opset.
         dynamic (bool): Whether batch, height and width are dynamic axes.
         metadata (dict, optional): Stored in the model's metadata, each
@@ -176,6 +178,8 @@ def check_onnx_file(path: str) -> None:
         .InferenceError: The model is invalid.
     """
     onnx = require('onnx', 'Checking the exported ONNX model')
+    # A model written with --sampling trt_plugin holds TensorRT's node.
+    register_tensorrt_plugin_schema()
     onnx.checker.check_model(path, full_check=True)
     onnx.shape_inference.infer_shapes(
         onnx.load(path), check_type=True, strict_mode=True)

@@ -17,6 +17,15 @@ reading zeros, and the attention-weighted sum over levels and points.
   wrongly.
 - ``grid_sample``: one ``GridSample`` per level (opset >= 16).
 
+A third form, ``trt_plugin``, is not standard operators: the op becomes one
+node ``MultiscaleDeformableAttnPlugin_TRT`` (domain ``trt.plugins``), the
+layout of TensorRT's own plugin of that name (TensorRT OSS >= 8.6): inputs
+value (bs, num_keys, num_heads, head_dims), spatial_shapes and
+level_start_index as int32, sampling_locations and attention_weights as
+the op has them; output (bs, num_queries, num_heads, head_dims). TensorRT's
+ONNX parser maps the node to the plugin by its name; ONNX Runtime cannot
+run it.
+
 The exported model computes in float32, so the constants and casts below
 are float32.
 
@@ -32,11 +41,20 @@ levels, num_points points per level.
 import importlib
 from typing import Callable, Dict
 
+# The formulations in standard operators, which ONNX Runtime runs.
 SAMPLING_MODES = ('gather', 'grid_sample')
+# The op as TensorRT's plugin node; every form the exporter can write.
+TENSORRT_PLUGIN = 'trt_plugin'
+EXPORT_MODES = SAMPLING_MODES + (TENSORRT_PLUGIN, )
 # GridSample entered the default ONNX domain in opset 16.
 MIN_GRID_SAMPLE_OPSET = 16
 # ONNX element types (onnx.TensorProto), without importing onnx here.
-FLOAT, INT64 = 1, 7
+FLOAT, INT32, INT64 = 1, 6, 7
+# TensorRT's plugin: its registered name and version, and the ONNX domain
+# of the node (the parser looks plugins up by name, whatever the domain).
+TENSORRT_PLUGIN_NAME = 'MultiscaleDeformableAttnPlugin_TRT'
+TENSORRT_PLUGIN_DOMAIN = 'trt.plugins'
+TENSORRT_PLUGIN_VERSION = 1
 
 
 def _opset(version: int):
@@ -270,11 +288,80 @@ def grid_sample_translation(version: int) -> Callable:
     return ms_deform_attn_grid_sample
 
 
+def register_tensorrt_plugin_schema():
+    """Declare the TensorRT plugin node to ONNX (once per process).
+
+    With the schema, onnxscript can write the node and ``onnx.checker`` and
+    strict shape inference accept it (its output shape stays unknown to
+    ONNX; TensorRT's plugin gives it).
+
+    Returns:
+        onnx.defs.OpSchema: The node's schema.
+    """
+    onnx = importlib.import_module('onnx')
+    if onnx.defs.has(TENSORRT_PLUGIN_NAME, TENSORRT_PLUGIN_DOMAIN):
+        return onnx.defs.get_schema(TENSORRT_PLUGIN_NAME,
+                                    TENSORRT_PLUGIN_VERSION,
+                                    TENSORRT_PLUGIN_DOMAIN)
+    parameter = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        TENSORRT_PLUGIN_NAME,
+        TENSORRT_PLUGIN_DOMAIN,
+        TENSORRT_PLUGIN_VERSION,
+        doc='Multi-scale deformable attention, run by TensorRT\'s plugin.',
+        inputs=[
+            parameter('value', 'T'),
+            parameter('spatial_shapes', 'I'),
+            parameter('level_start_index', 'I'),
+            parameter('sampling_locations', 'T'),
+            parameter('attention_weights', 'T')
+        ],
+        outputs=[parameter('output', 'T')],
+        type_constraints=[('T', ['tensor(float)', 'tensor(float16)'],
+                           'Features, locations and weights.'),
+                          ('I', ['tensor(int32)'], 'Level sizes and starts.')])
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+def tensorrt_plugin_translation(version: int) -> Callable:
+    """The op as one node of TensorRT's plugin layout, in a model of opset
+    ``version``.
+
+    Args:
+        version (int): Target ONNX opset (of the casts and the reshape
+            around the node).
+
+    Returns:
+        Callable: The translation of ``ms_deform_attn_forward``, same
+        inputs and output as the others.
+    """
+    op = _opset(version)
+    values = importlib.import_module('onnxscript.values')
+    plugin = values.Op(
+        values.Opset(TENSORRT_PLUGIN_DOMAIN, TENSORRT_PLUGIN_VERSION),
+        TENSORRT_PLUGIN_NAME, register_tensorrt_plugin_schema())
+
+    def ms_deform_attn_tensorrt_plugin(value, spatial_shapes,
+                                       level_start_index, sampling_locations,
+                                       attention_weights):
+        num_heads, head_dims = value.shape[2], value.shape[3]
+        # The plugin reads level sizes and starts as int32 and gives
+        # (bs, num_queries, num_heads, head_dims).
+        output = plugin(value, op.Cast(spatial_shapes, to=INT32),
+                        op.Cast(level_start_index, to=INT32),
+                        sampling_locations, attention_weights)
+        return op.Reshape(
+            output, op.Constant(value_ints=[0, 0, num_heads * head_dims]))
+
+    return ms_deform_attn_tensorrt_plugin
+
+
 def translation_table(sampling: str, opset: int) -> Dict[Callable, Callable]:
     """The ``custom_translation_table`` for ``torch.onnx.export``.
 
     Args:
-        sampling (str): ``'gather'`` or ``'grid_sample'``.
+        sampling (str): ``'gather'``, ``'grid_sample'`` or ``'trt_plugin'``.
         opset (int): Target ONNX opset.
 
     Returns:
@@ -282,12 +369,14 @@ def translation_table(sampling: str, opset: int) -> Dict[Callable, Callable]:
     """
     import torch
 
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f'sampling must be one of {SAMPLING_MODES}, got '
+    translations = dict(
+        gather=gather_translation,
+        grid_sample=grid_sample_translation,
+        trt_plugin=tensorrt_plugin_translation)
+    if sampling not in translations:
+        raise ValueError(f'sampling must be one of {EXPORT_MODES}, got '
                          f'{sampling!r}')
-    translate = (
-        gather_translation
-        if sampling == 'gather' else grid_sample_translation)
+    translate = translations[sampling]
     return {
         torch.ops.ddetr_plugin.ms_deform_attn_forward.default: translate(opset)
     }

@@ -20,6 +20,7 @@ from mmengine.config import Config
 from mmengine.structures import InstanceData
 
 from .config_inputs import build_data_preprocessor
+from .onnx_ms_deform_attn import TENSORRT_PLUGIN_NAME
 from .requirements import require
 from .torch_export import INPUT_NAME, OUTPUT_NAMES
 
@@ -44,8 +45,18 @@ class OnnxRuntimeDetector:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
         self.path = path
-        self.session = ort.InferenceSession(
-            path, options, providers=['CPUExecutionProvider'])
+        try:
+            self.session = ort.InferenceSession(
+                path, options, providers=['CPUExecutionProvider'])
+        except Exception as error:
+            if TENSORRT_PLUGIN_NAME not in str(error):
+                raise
+            raise RuntimeError(
+                f'{path!r} holds the deformable attention as TensorRT\'s '
+                f'plugin node {TENSORRT_PLUGIN_NAME} (export_onnx.py '
+                '--sampling trt_plugin), which only TensorRT runs (e.g. '
+                f'`trtexec --onnx={path}`); for ONNX Runtime, export with '
+                '--sampling grid_sample or gather.') from error
         inputs = [node.name for node in self.session.get_inputs()]
         outputs = [node.name for node in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:

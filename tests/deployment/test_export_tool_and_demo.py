@@ -173,6 +173,24 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
         assert max(box) <= IMAGE_SIZE
 
 
+def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
+    from ddetr_plugin.deployment.onnx_ms_deform_attn import (
+        TENSORRT_PLUGIN_NAME)
+    onnx = require('onnx', 'This test')
+    folder, config_path, checkpoint_path, _ = checkpoint
+    path = str(folder / 'trt_plugin.onnx')
+    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    assert tool.main([
+        config_path, checkpoint_path, '--out', path, '--sampling', 'trt_plugin'
+    ]) == 0
+    assert f'trtexec --onnx={path}' in capsys.readouterr().out
+    node_types = [node.op_type for node in onnx.load(path).graph.node]
+    # One node per deformable attention: 1 encoder and 2 decoder layers;
+    # no sampling in standard operators is left.
+    assert node_types.count(TENSORRT_PLUGIN_NAME) == 3
+    assert 'GridSample' not in node_types
+
+
 def test_export_tool_refuses_an_opset_too_low_for_grid_sample(toy):
     tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
     with pytest.raises(ValueError, match='opset >= 16.*gather'):

@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch.export import Dim
 
+from ddetr_plugin.deployment.onnx_export import check_onnx_file
 from ddetr_plugin.deployment.onnx_ms_deform_attn import (
-    MIN_GRID_SAMPLE_OPSET, grid_sample_translation, translation_table)
+    INT32, MIN_GRID_SAMPLE_OPSET, TENSORRT_PLUGIN_DOMAIN, TENSORRT_PLUGIN_NAME,
+    grid_sample_translation, translation_table)
+from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
 from ddetr_plugin.ops import (extension_loaded, ms_deform_attn,
                               ms_deform_attn_reference)
 
@@ -18,6 +21,8 @@ pytestmark = pytest.mark.skipif(
     not extension_loaded(), reason='exporting needs the compiled op')
 
 NUM_HEADS, HEAD_DIMS, NUM_POINTS = 2, 4, 3
+INPUT_NAMES = ('value', 'spatial_shapes', 'level_start_index',
+               'sampling_locations', 'attention_weights')
 
 
 class OpOnly(torch.nn.Module):
@@ -70,10 +75,7 @@ def export(path, sampling, opset=18):
     torch.onnx.export(
         program,
         dynamo=True,
-        input_names=[
-            'value', 'spatial_shapes', 'level_start_index',
-            'sampling_locations', 'attention_weights'
-        ],
+        input_names=list(INPUT_NAMES),
         opset_version=opset,
         custom_translation_table=translation_table(sampling, opset),
         optimize=False).save(path)
@@ -119,3 +121,48 @@ def test_grid_sample_needs_opset_16():
         grid_sample_translation(MIN_GRID_SAMPLE_OPSET - 1)
     with pytest.raises(ValueError, match='sampling must be one of'):
         translation_table('bilinear', 18)
+
+
+def test_tensorrt_plugin_node_has_the_plugins_layout(tmp_path):
+    # TensorRT's MultiscaleDeformableAttnPlugin_TRT cannot run here: the
+    # node's structure is what is checked.
+    path = str(tmp_path / 'trt_plugin.onnx')
+    model = export(path, 'trt_plugin')
+    check_onnx_file(path)
+    assert {(opset.domain, opset.version)
+            for opset in model.opset_import} >= {(TENSORRT_PLUGIN_DOMAIN, 1)}
+    producers = {
+        output: node
+        for node in model.graph.node
+        for output in node.output
+    }
+    plugins = [
+        node for node in model.graph.node
+        if node.op_type == TENSORRT_PLUGIN_NAME
+    ]
+    assert len(plugins) == 1
+    plugin, = plugins
+    assert plugin.domain == TENSORRT_PLUGIN_DOMAIN
+    assert len(plugin.input) == 5 and len(plugin.output) == 1
+    assert not plugin.attribute
+    # Features, locations and weights go in as the op has them (the
+    # plugin's layout is the op's) ...
+    assert [plugin.input[index] for index in (0, 3, 4)
+            ] == [INPUT_NAMES[index] for index in (0, 3, 4)]
+    # ... level sizes and starts as int32 ...
+    for index in (1, 2):
+        cast = producers[plugin.input[index]]
+        assert cast.op_type == 'Cast'
+        assert list(cast.input) == [INPUT_NAMES[index]]
+        assert cast.attribute[0].i == INT32
+    # ... and (bs, num_queries, num_heads, head_dims) comes out, joined to
+    # the op's (bs, num_queries, num_heads * head_dims).
+    reshape, = [
+        node for node in model.graph.node if plugin.output[0] in node.input
+    ]
+    assert reshape.op_type == 'Reshape'
+    shape = producers[reshape.input[1]]
+    assert shape.op_type == 'Constant'
+    assert list(shape.attribute[0].ints) == [0, 0, NUM_HEADS * HEAD_DIMS]
+    with pytest.raises(RuntimeError, match='only TensorRT runs'):
+        OnnxRuntimeDetector(path)

@@ -3,7 +3,7 @@ PyTorch.
 
     python tools/deployment/export_onnx.py CONFIG CHECKPOINT --out FILE.onnx
         [--shape H W] [--dynamic] [--opset 18]
-        [--sampling {grid_sample,gather}]
+        [--sampling {grid_sample,gather,trt_plugin}]
 
 The model takes ``input`` (N, 3, H, W) float32, the image already resized,
 normalised and padded as the config's test pipeline and data preprocessor
@@ -12,7 +12,9 @@ pixels of the input, sorted by score, and ``labels`` (N, K) int64, K = the
 config's ``max_per_img``. ``--dynamic`` makes N, H and W dynamic; without
 ``--shape`` the config's test scale is used. The multi-scale deformable
 attention is written in standard ONNX operators (GridSample or Gather), so
-ONNX Runtime and TensorRT need no plugin.
+ONNX Runtime and TensorRT need no plugin; ``--sampling trt_plugin`` writes
+it instead as one node of TensorRT's ``MultiscaleDeformableAttnPlugin_TRT``
+layout, for TensorRT only.
 
 After writing, the file is checked by ``onnx.checker`` and ONNX shape
 inference, run in ONNX Runtime on a random input and compared with PyTorch.
@@ -36,7 +38,9 @@ from ddetr_plugin.deployment.config_inputs import test_input_shape
 from ddetr_plugin.deployment.onnx_export import (DEFAULT_OPSET,
                                                  DEFAULT_SAMPLING, check_opset,
                                                  export_onnx)
-from ddetr_plugin.deployment.onnx_ms_deform_attn import SAMPLING_MODES
+from ddetr_plugin.deployment.onnx_ms_deform_attn import (EXPORT_MODES,
+                                                         TENSORRT_PLUGIN,
+                                                         TENSORRT_PLUGIN_NAME)
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
 from ddetr_plugin.engine import checkpoint_check, launch
 
@@ -65,12 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f'ONNX opset (default {DEFAULT_OPSET})')
     parser.add_argument(
         '--sampling',
-        choices=SAMPLING_MODES,
+        choices=EXPORT_MODES,
         default=DEFAULT_SAMPLING,
-        help='how the deformable attention samples: GridSample (opset >= '
-        '16) or Gather (any opset; for TensorRT versions that miscompile '
-        f'GridSample). Default {DEFAULT_SAMPLING}, measured faster in ONNX '
-        'Runtime')
+        help='how the deformable attention is written: GridSample (opset '
+        '>= 16) or Gather (any opset; for TensorRT versions that miscompile '
+        f'GridSample), both standard operators; or {TENSORRT_PLUGIN}, one '
+        f'node of TensorRT\'s {TENSORRT_PLUGIN_NAME} layout, for TensorRT '
+        f'only. Default {DEFAULT_SAMPLING}, measured faster in ONNX Runtime')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -117,6 +122,13 @@ def main(argv=None) -> int:
           f'opset {args.opset}, sampling {args.sampling}); onnx.checker '
           'and shape inference passed')
 
+    if args.sampling == TENSORRT_PLUGIN:
+        # ONNX Runtime has no such node: nothing to compare here.
+        print(f'the deformable attention is {TENSORRT_PLUGIN_NAME} nodes, '
+              'which only TensorRT runs (its plugin library, TensorRT >= '
+              f'8.6): e.g. trtexec --onnx={args.out}; ONNX Runtime cannot '
+              'run this file')
+        return 0
     with torch.no_grad():
         torch_dets, torch_labels = TensorDetector(model)(images)
     onnx_dets, onnx_labels = OnnxRuntimeDetector(args.out)(images)
