@@ -106,6 +106,40 @@ def assert_same_detections(dets, labels, expected_dets, expected_labels):
         dets[..., :4], expected_dets[..., :4], atol=1e-2, rtol=0)
 
 
+# (bs, h, w) the dynamic ONNX models run at: two sizes, the second a batch
+# of two; neither is the size the models were traced with (2 x 96 x 128).
+RUN_SHAPES = ((1, 72, 104), (2, 112, 80))
+
+
+def assert_dynamic_onnx_matches(model, program, path: str,
+                                sampling: str) -> None:
+    """Write ``program`` as ONNX with ``sampling`` and check that ONNX
+    Runtime gives ``model.predict``'s detections at :data:`RUN_SHAPES`,
+    sorted by score, with named dynamic axes."""
+    from ddetr_plugin.deployment import example_images
+    from ddetr_plugin.deployment.onnx_export import (check_onnx_file,
+                                                     export_onnx_program)
+    from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
+    export_onnx_program(program, path, sampling=sampling)
+    check_onnx_file(path)
+    detector = OnnxRuntimeDetector(path, num_threads=1)
+    assert detector.metadata['sampling'] == sampling
+    # The dynamic axes carry their names, in the input and the outputs.
+    assert detector.input_shape == ('batch', 3, 'height', 'width')
+    output_shapes = [
+        tuple(output.shape) for output in detector.session.get_outputs()
+    ]
+    assert output_shapes == [('batch', MAX_PER_IMG, 5), ('batch', MAX_PER_IMG)]
+    for seed, (batch_size, height, width) in enumerate(RUN_SHAPES):
+        images = example_images(height, width, batch_size, seed=seed + 1)
+        dets, labels = detector(images)
+        assert dets.shape == (batch_size, MAX_PER_IMG, 5)
+        assert_same_detections(dets, labels, *predict(model, images))
+        # Sorted by score, as mmdet's predict.
+        scores = torch.from_numpy(dets[..., 4])
+        assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
 @pytest.fixture(scope='session')
 def dynamic_program():
     """``dynamic_program(variant)``: the toy-sized model of ``variant`` and
@@ -114,7 +148,8 @@ def dynamic_program():
 
     Exporting is the slow part of these tests (about 20 s a variant on two
     cores, most of it torch.export's symbolic tracing), so each variant is
-    exported once per test session and shared.
+    exported once per test session (per xdist worker) and shared by the
+    tests of a file.
     """
     from ddetr_plugin.deployment import example_images, export_detector
     programs = {}
@@ -144,4 +179,5 @@ def toy() -> SimpleNamespace:
         model_config=model_config,
         build_model=build_model,
         predict=predict,
-        assert_same_detections=assert_same_detections)
+        assert_same_detections=assert_same_detections,
+        assert_dynamic_onnx_matches=assert_dynamic_onnx_matches)

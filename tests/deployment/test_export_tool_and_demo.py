@@ -174,8 +174,8 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
 
 
 def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
-    from ddetr_plugin.deployment.onnx_ms_deform_attn import (
-        TENSORRT_PLUGIN_NAME)
+    from ddetr_plugin.deployment.onnx_ms_deform_attn import \
+        TENSORRT_PLUGIN_NAME
     onnx = require('onnx', 'This test')
     folder, config_path, checkpoint_path, _ = checkpoint
     path = str(folder / 'trt_plugin.onnx')

@@ -1,0 +1,23 @@
+"""ONNX Runtime against PyTorch's ``predict`` for the plain and refinement
+variants, each exported once with dynamic batch, height and width.
+
+Each variant is written in one sampling mode, so that, with the two-stage
+variant's two files (``test_export_parity.py``), each mode is checked on
+two variants; the op alone is checked in both modes against the reference
+in ``test_onnx_ms_deform_attn.py``.
+"""
+import pytest
+
+from ddetr_plugin.ops import extension_loaded
+
+pytestmark = pytest.mark.skipif(
+    not extension_loaded(), reason='exporting needs the compiled op')
+
+
+@pytest.mark.parametrize('variant, sampling', [('plain', 'gather'),
+                                               ('refine', 'grid_sample')])
+def test_dynamic_onnx_matches_predict(toy, dynamic_program, tmp_path, variant,
+                                      sampling):
+    model, program = dynamic_program(variant)
+    toy.assert_dynamic_onnx_matches(
+        model, program, str(tmp_path / f'{variant}_{sampling}.onnx'), sampling)
