@@ -1,16 +1,34 @@
-"""Run order of the test files: the longest first.
+"""How the suite shares two cores: idle threads sleep; longest files first.
 
 ``make test`` runs the files on two workers, one file per worker at a time
-(``--dist loadfile --no-loadscope-reorder``, so the files are handed out
-in the order collected here). Whatever order they come in, each file takes
-as long; but a long file handed out last keeps one worker busy while the
-other has nothing left to do. Longest first, the run ends with short files
-and both workers finish at about the same time. The order changes no
-test: every file still runs whole, in its own order.
+(``--dist loadfile --no-loadscope-reorder``).
+
+Threads: each worker's torch runs its operators on as many OpenMP threads
+as there are cores, so two workers ask for twice the cores there are. GNU
+OpenMP's threads spin while they wait for work; with the cores
+oversubscribed the spinning threads take the time of the ones with work,
+and tests/models/test_parity_mmdet.py took 138 s instead of 50 s beside
+one busy core. ``OMP_WAIT_POLICY=PASSIVE`` makes waiting threads sleep.
+The thread count stays, so every result keeps its bits (one thread would
+sum in another order: a parity test's gradient then misses its 1e-4).
+It must be set before torch is imported, as here: this file is loaded
+before every test module and conftest below it.
+
+Order: the files are handed out in the order collected here. Whatever
+order they come in, each file takes as long; but a long file handed out
+last keeps one worker busy while the other has nothing left to do.
+Longest first, the run ends with short files and both workers finish at
+about the same time. The order changes no test: every file still runs
+whole, in its own order.
 """
+import os
 from typing import List
 
-import pytest
+# Before torch is imported anywhere (see above); a value set by the user
+# wins. Subprocesses of the tests inherit it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import pytest  # noqa: E402
 
 # The files that took longest on two busy cores (seconds per file, from
 # ``pytest --durations``, 2026-12-02), longest first. A file not listed
