@@ -71,10 +71,13 @@ cuda-check: setup
 
 # Two workers, one test file each at a time (module fixtures stay whole);
 # most tests are single-threaded subprocess runs of the tools, so on two
-# cores this halves the wall time.
+# cores this halves the wall time. The files are handed out in the order
+# tests/conftest.py collects them, the longest first (xdist's own order,
+# most tests first, left the longest files for the end).
 TEST_WORKERS ?= 2
 test: setup lint cuda-check
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder tests
 
 clean:
 	rm -rf build *.egg-info ddetr_plugin/*.so $(EXT_STAMP)

@@ -12,6 +12,7 @@ from typing import List, Sequence, Tuple
 
 import pytest
 import torch
+from filelock import FileLock
 from torch import Tensor
 
 
@@ -170,12 +171,33 @@ def load_emulator_module():
     return module
 
 
+def build_once_per_run(module, tmp_path_factory) -> str:
+    """Build the emulation once per test run; return the library path.
+
+    Under pytest-xdist every worker is its own session, but the workers of
+    one run share the parent of their temporary folders: the first worker
+    to take the lock builds there (8 s on a busy core), the others wait and
+    load the same file. The folder is new for every run, so a changed
+    kernel is always rebuilt.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent
+    folder = root / 'cuda_emulation'
+    with FileLock(str(root / 'cuda_emulation.lock')):
+        library = folder / 'emulated_kernels.so'
+        if not library.is_file():
+            folder.mkdir(exist_ok=True)
+            library = module.build(str(folder))
+    return str(library)
+
+
 @pytest.fixture(scope='session', name='emulator')
 def emulator_fixture(tmp_path_factory):
     """The CUDA kernels compiled for the CPU (``EmulatedKernels``)."""
     module = load_emulator_module()
     try:
-        library = module.build(str(tmp_path_factory.mktemp('cuda_emulation')))
+        library = build_once_per_run(module, tmp_path_factory)
     except module.CompilerMissing as error:
         # CI has the compiler the extension build needs: never skip there.
         if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
