@@ -64,7 +64,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check ddetr_plugin tools tests configs demo setup.py
 	$(BIN)/isort --check-only --diff ddetr_plugin tools tests configs demo setup.py
-	$(BIN)/yapf --diff --recursive ddetr_plugin tools tests configs demo setup.py
+	$(BIN)/yapf --diff --recursive --parallel ddetr_plugin tools tests configs demo setup.py
 
 cuda-check: setup
 	$(BIN)/python tools/misc/cuda_compile_check.py
