@@ -19,7 +19,7 @@ reading zeros, and the attention-weighted sum over levels and points.
 
 A third form, ``trt_plugin``, is not standard operators: the op becomes one
 node ``MultiscaleDeformableAttnPlugin_TRT`` (domain ``trt.plugins``), the
-layout of TensorRT's own plugin of that name (TensorRT OSS >= 8.6): inputs
+layout of TensorRT's own plugin of that name (TensorRT OSS plugins): inputs
 value (bs, num_keys, num_heads, head_dims), spatial_shapes and
 level_start_index as int32, sampling_locations and attention_weights as
 the op has them; output (bs, num_queries, num_heads, head_dims). TensorRT's

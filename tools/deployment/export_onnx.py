@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     if args.sampling == TENSORRT_PLUGIN:
         # ONNX Runtime has no such node: nothing to compare here.
         print(f'the deformable attention is {TENSORRT_PLUGIN_NAME} nodes, '
-              'which only TensorRT runs (its plugin library, TensorRT >= '
-              f'8.6): e.g. trtexec --onnx={args.out}; ONNX Runtime cannot '
+              'which only TensorRT runs, with its OSS plugin library '
+              f'loaded: e.g. trtexec --onnx={args.out}; ONNX Runtime cannot '
               'run this file')
         return 0
     with torch.no_grad():
