@@ -17,7 +17,6 @@ head's classification layers pass with a warning: the usual fine-tuning on
 data with another number of classes (e.g. from mmdet's COCO checkpoint).
 """
 import logging
-import re
 from typing import Dict, List, Optional
 
 import torch
@@ -27,7 +26,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 from ..converters.in_memory import convert_for_model
 from ..converters.layouts import conversion_hint, foreign_layout
-from ..converters.mmdet import CheckpointMismatchError
+from ..converters.mmdet import CLASS_LAYER_KEY, CheckpointMismatchError
 
 # How many keys of each kind an error lists before it only counts them.
 MAX_LISTED = 10
@@ -93,19 +92,14 @@ def _raise_if_foreign(state: Dict[str, object], filename: str,
             conversion_hint(layout, filename, config))
 
 
-# The classification layers of the head: their first axis is the number
-# of classes, the one thing a fine-tuning run changes on purpose.
-CLASS_LAYER_PATTERN = re.compile(
-    r'^bbox_head\.cls_branches\.\d+\.(weight|bias): ')
-
-
 def _class_layers_only(differences: Dict) -> bool:
     """True when the only differences are the classification layers'
     shapes (a model of the same architecture with another class count)."""
     mismatched = differences['mismatched']
     return (not differences['missing'] and not differences['unexpected']
-            and bool(mismatched)
-            and all(CLASS_LAYER_PATTERN.match(key) for key in mismatched))
+            and bool(mismatched) and all(
+                CLASS_LAYER_KEY.match(entry.split(':', 1)[0])
+                for entry in mismatched))
 
 
 def _warn_class_change(filename: str, class_layers: List[str]) -> None:
