@@ -10,19 +10,29 @@ decoder calls.
 So the check runs:
 
 - on the host where reading is free (CPU tensors);
-- once per table on other devices: a table that passed is remembered (by
-  identity and version counter, so an in-place change is checked again),
-  and Deformable DETR builds one table per forward for its twelve
-  attention layers;
-- on the device, with ``torch._assert_async``, where the host may not wait
-  (CUDA-graph capture, or ``torch.cuda.set_sync_debug_mode`` set);
+- on other devices, on the host once per table (the detailed message for
+  the usual mistakes), and on the device at every later call, with
+  ``torch._assert_async`` (no sync). A table that passed the host check is
+  remembered by identity, data pointer and version counter, but that only
+  spares the host check: writes the version counter does not see
+  (``t.data[...] = x``, DLPack or CuPy writers, any change of an inference
+  tensor) would leave a remembered table stale, so the device check runs
+  at every call all the same. Deformable DETR builds one table per forward
+  for its twelve attention layers: one sync per forward;
+- on the device only, where the host may not wait (CUDA-graph capture, or
+  ``torch.cuda.set_sync_debug_mode`` set), and for inference tensors
+  (built under ``torch.inference_mode()``), which have no version counter
+  and are never remembered;
 - not at all while tracing (``torch.compile``, ``torch.export``, fake or
   meta tensors), where the values are unknown.
 
-The compiled kernels bound every level by themselves (a level outside the
-keys reads and writes nothing), so a table that escapes the check gives
-wrong numbers, never memory errors.
+Both checks refuse tables whose sizes overflow int64 (the host check
+computes in Python integers, the device check bounds every level by the
+keys before multiplying). The compiled kernels also bound every level by
+themselves (a level outside the keys reads and writes nothing), so a table
+that escaped the checks would give wrong numbers, never memory errors.
 """
+import threading
 import weakref
 from typing import Dict, List, Tuple
 
@@ -37,11 +47,15 @@ except ImportError:  # pragma: no cover - older or newer torch
         return False
 
 
-# Tables that passed, by (id(spatial_shapes), id(level_start_index)): weak
-# references to both (an id may be reused once a tensor dies), their
-# version counters and the number of keys they were checked against.
+# Tables that passed the host check, by (id(spatial_shapes),
+# id(level_start_index)): weak references to both (an id may be reused once
+# a tensor dies), their data pointers (``t.data = other`` swaps the memory
+# and keeps the version), version counters and the number of keys they were
+# checked against. Attention layers may run in several threads at once
+# (DataParallel, multi-threaded serving): every access holds _lock.
 _MAX_REMEMBERED = 32
 _checked: Dict[Tuple[int, int], tuple] = {}
+_lock = threading.Lock()
 
 
 def is_tracing(*tensors: Tensor) -> bool:
@@ -87,56 +101,73 @@ def check_level_table(spatial_shapes: Tensor, level_start_index: Tensor,
     if not reading_syncs(spatial_shapes.device):
         _check_on_host(spatial_shapes, level_start_index, num_keys)
         return
-    key = (id(spatial_shapes), id(level_start_index))
-    if _remembered(key, spatial_shapes, level_start_index, num_keys):
-        return
-    if host_may_wait(spatial_shapes.device):
+    table = (spatial_shapes, level_start_index)
+    if (host_may_wait(spatial_shapes.device) and not is_inference(*table)
+            and not _remembered(table, num_keys)):
         _check_on_host(spatial_shapes, level_start_index, num_keys)
-    else:
-        _check_on_device(spatial_shapes, level_start_index, num_keys)
-    _remember(key, spatial_shapes, level_start_index, num_keys)
+        _remember(table, num_keys)
+        return
+    _check_on_device(spatial_shapes, level_start_index, num_keys)
+
+
+def is_inference(*tensors: Tensor) -> bool:
+    """Whether any of ``tensors`` was made under ``torch.inference_mode``:
+    such tensors have no version counter, so no change of them is seen."""
+    return any(tensor.is_inference() for tensor in tensors)
 
 
 def forget_checked_tables() -> None:
     """Forget every table checked so far (tests and benchmarks)."""
-    _checked.clear()
+    with _lock:
+        _checked.clear()
 
 
-def _remembered(key: Tuple[int, int], spatial_shapes: Tensor,
-                level_start_index: Tensor, num_keys: int) -> bool:
-    entry = _checked.get(key)
+def _table_state(table: Tuple[Tensor, Tensor]) -> Tuple[int, ...]:
+    """What changes when a table's memory is swapped or written in place
+    (the version counter seeing the write)."""
+    pointers = tuple(tensor.data_ptr() for tensor in table)
+    return pointers + tuple(tensor._version for tensor in table)
+
+
+def _remembered(table: Tuple[Tensor, Tensor], num_keys: int) -> bool:
+    key = tuple(id(tensor) for tensor in table)
+    with _lock:
+        entry = _checked.get(key)
     if entry is None:
         return False
-    shapes_ref, starts_ref, versions, checked_keys = entry
-    return (shapes_ref() is spatial_shapes
-            and starts_ref() is level_start_index
-            and versions == _versions(spatial_shapes, level_start_index)
-            and checked_keys == num_keys)
+    references, state, checked_keys = entry
+    return (all(reference() is tensor
+                for reference, tensor in zip(references, table))
+            and state == _table_state(table) and checked_keys == num_keys)
 
 
-def _remember(key: Tuple[int, int], spatial_shapes: Tensor,
-              level_start_index: Tensor, num_keys: int) -> None:
-    if len(_checked) >= _MAX_REMEMBERED:
-        del _checked[next(iter(_checked))]  # the oldest entry
-    _checked[key] = (weakref.ref(spatial_shapes),
-                     weakref.ref(level_start_index),
-                     _versions(spatial_shapes, level_start_index), num_keys)
-
-
-def _versions(*tensors: Tensor) -> Tuple[int, ...]:
-    """Version counters: they grow with every in-place change."""
-    return tuple(tensor._version for tensor in tensors)
+def _remember(table: Tuple[Tensor, Tensor], num_keys: int) -> None:
+    key = tuple(id(tensor) for tensor in table)
+    references = tuple(weakref.ref(tensor) for tensor in table)
+    entry = (references, _table_state(table), num_keys)
+    with _lock:
+        if key not in _checked and len(_checked) >= _MAX_REMEMBERED:
+            del _checked[next(iter(_checked))]  # the oldest entry
+        _checked[key] = entry
 
 
 def _check_on_device(spatial_shapes: Tensor, level_start_index: Tensor,
                      num_keys: int) -> None:
     """The host check's conditions as one device-side assertion (no sync).
+
+    Every level is first bounded by the keys (``w <= num_keys // h``), so
+    no size, sum or start below overflows int64: a wrapped product could
+    otherwise pass, e.g. (2**62, 4) is 0 keys in int64.
     """
     shapes = spatial_shapes.to(torch.int64)
-    sizes = shapes[:, 0] * shapes[:, 1]
-    expected_starts = sizes.cumsum(0) - sizes
-    valid = ((shapes >= 0).all() & (sizes.sum() == num_keys)
-             & (level_start_index.to(torch.int64) == expected_starts).all())
+    heights, widths = shapes.unbind(1)
+    bounded = (shapes >= 0).all(1) & (
+        widths <= num_keys // heights.clamp(min=1))
+    sizes = heights * widths * bounded
+    ends = sizes.cumsum(0)
+    valid = (
+        bounded.all() & (sizes.sum() == num_keys)
+        & (level_start_index.to(torch.int64) == ends - sizes).all())
     torch._assert_async(
         valid, 'ms_deform_attn: spatial_shapes and level_start_index do not '
         f'tile the {num_keys} keys of value (checked on the device; check '

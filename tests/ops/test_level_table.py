@@ -7,6 +7,8 @@ proof (``torch.cuda.set_sync_debug_mode('error')`` and CUDA-graph capture)
 is in ``test_ms_deform_attn_cuda.py``.
 """
 import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -125,3 +127,88 @@ def test_fake_cuda_tensors_are_not_read(random_inputs, monkeypatch):
                                 locations, weights)
         assert output.device.type == 'cuda'
         assert output.shape == (2, 3, 8)
+
+
+# 2**62 * 4 wraps to 0 in int64, so the sizes 0 + 1 + 4 tile 5 keys there.
+OVERFLOWING_TABLE = ([[2**62, 4], [1, 1], [2, 2]], [0, 0, 1], 5)
+
+
+def test_an_inference_table_is_checked_at_every_call(random_inputs,
+                                                     cpu_as_device):
+    # Inference tensors have no version counter (reading it raises) and
+    # may change in place unseen: they are checked on the device at every
+    # call, never read on the host, never remembered.
+    with torch.inference_mode():
+        inputs = random_inputs()
+        inputs[1] = inputs[1].clone()
+        inputs[2] = inputs[2].clone()
+        with no_reads():
+            ms_deform_attn(*inputs)
+        inputs[2][1:] = torch.tensor([16, 15])
+        with pytest.raises(RuntimeError, match='do not tile the 20 keys'):
+            ms_deform_attn(*inputs)
+
+
+def test_a_table_whose_memory_was_replaced_is_checked_again(
+        random_inputs, cpu_as_device):
+    inputs = random_inputs()
+    ms_deform_attn(*inputs)
+    # Keeps the version counter, swaps the memory.
+    inputs[2].data = torch.tensor([0, 16, 15])
+    with pytest.raises(ValueError, match='level_start_index must be'):
+        ms_deform_attn(*inputs)
+
+
+def test_a_write_the_version_counter_misses_is_caught(random_inputs,
+                                                      cpu_as_device):
+    inputs = random_inputs()
+    ms_deform_attn(*inputs)
+    version = inputs[2]._version
+    inputs[2].data[1:] = torch.tensor([16, 15])  # same memory and version
+    assert inputs[2]._version == version
+    with pytest.raises(RuntimeError, match='do not tile the 20 keys'):
+        ms_deform_attn(*inputs)
+
+
+@pytest.mark.parametrize(
+    'host_may_wait', [True, False], ids=['host', 'device'])
+def test_an_overflowing_table_is_refused(cpu_as_device, monkeypatch,
+                                         host_may_wait):
+    monkeypatch.setattr(level_table, 'host_may_wait',
+                        lambda device: host_may_wait)
+    shapes, starts, num_keys = OVERFLOWING_TABLE
+    error = ValueError if host_may_wait else RuntimeError
+    with pytest.raises(error, match='tile'):
+        level_table.check_level_table(
+            torch.tensor(shapes), torch.tensor(starts), num_keys)
+
+
+class SlowDeletionDict(dict):
+    """A dict that yields to other threads before deleting, to widen the
+    window between choosing the oldest entry and deleting it."""
+
+    def __delitem__(self, key):
+        time.sleep(0.002)
+        super().__delitem__(key)
+
+
+def test_threads_evict_from_a_full_cache_safely(cpu_as_device, monkeypatch,
+                                                level_tensors):
+    monkeypatch.setattr(level_table, '_checked', SlowDeletionDict())
+    tables = []  # kept alive, so that no id is reused
+
+    def check_new_tables(count):
+        for _ in range(count):
+            level_shapes = [(3, 5), (2, 2)]
+            spatial_shapes, level_start_index, num_keys = level_tensors(
+                level_shapes)
+            tables.append((spatial_shapes, level_start_index))
+            level_table.check_level_table(spatial_shapes, level_start_index,
+                                          num_keys)
+
+    check_new_tables(level_table._MAX_REMEMBERED)  # the cache is full
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(check_new_tables, 4) for _ in range(8)]
+        for future in futures:
+            future.result()  # re-raises a thread's KeyError
+    assert len(level_table._checked) == level_table._MAX_REMEMBERED
