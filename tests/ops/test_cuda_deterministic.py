@@ -3,11 +3,13 @@
 The usual backward scatters into grad_value with atomic adds, whose order
 (and so the float rounding) changes from run to run. The deterministic one
 gathers each grad_value element in a fixed order
-(``ms_deform_attn_deterministic.cuh``). In the CPU emulation, blocks, warps
-and lanes run in shuffled orders and must give the same bits; the same
-shuffles change the atomic path's bits, which shows that the comparison can
-fail. On a GPU (skipped without one) two runs under
-``torch.use_deterministic_algorithms(True)`` must agree bitwise.
+(``ms_deform_attn_deterministic.cuh``). The emulation takes the path the
+launcher's own rule (``plan_value_grad``) picks from the deterministic
+switch. There, blocks, warps and lanes run in shuffled orders and must give
+the same bits; the same shuffles change the atomic path's bits, which shows
+that the comparison can fail. On a GPU (skipped without one) runs under
+``torch.use_deterministic_algorithms(True)`` must agree bitwise with each
+other and with the emulation, which the atomic path does not.
 """
 import pytest
 import torch
@@ -107,6 +109,38 @@ def test_emulated_atomic_backward_depends_on_order(emulator, random_inputs):
         for gradient in value_gradients[1:])
 
 
+@pytest.mark.parametrize('deterministic', [True, False])
+def test_emulated_backward_takes_the_launchers_path(emulator, random_inputs,
+                                                    deterministic):
+    inputs, _ = contended_case(random_inputs, torch.float32, 6)
+    plan = emulator.value_grad_plan(inputs[0], inputs[3], deterministic)
+    assert plan['gather'] == deterministic
+    if deterministic:
+        # 2 x 11 x 3 = 66 value rows (and 66 for corners outside): the sort
+        # orders by the 7 bits that hold 66, not by all 64.
+        assert plan['num_rows'] == 66
+        assert plan['sort_key_bits'] == 7
+
+
+def test_emulated_deterministic_backward_with_no_keys(emulator, random_inputs):
+    # Levels of 0 x 3 and 2 x 0 keys: every sample reads zeros, and
+    # grad_value is empty, so the launcher must launch no gather (CUDA
+    # refuses an empty grid, and so does the emulation).
+    inputs = random_inputs(level_shapes=((0, 3), (2, 0)), dtype=torch.float32)
+    assert inputs[0].shape[1] == 0
+    grad_output = torch.randn(2, 3, 8)
+    grad_value, grad_locations, grad_weights, _, _ = emulator.backward(
+        grad_output, *inputs, deterministic=True)
+    assert grad_value.shape == inputs[0].shape
+    assert torch.equal(grad_locations, torch.zeros_like(grad_locations))
+    assert torch.equal(grad_weights, torch.zeros_like(grad_weights))
+
+
+def test_emulation_refuses_an_empty_launch(emulator):
+    with pytest.raises(RuntimeError, match='grid of 0 blocks'):
+        emulator.empty_launch_probe()
+
+
 @pytest.fixture(name='deterministic_algorithms')
 def deterministic_algorithms_fixture():
     previous = torch.are_deterministic_algorithms_enabled()
@@ -115,10 +149,7 @@ def deterministic_algorithms_fixture():
     torch.use_deterministic_algorithms(previous)
 
 
-@pytest.mark.parametrize(
-    'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
-def test_cuda_backward_is_bitwise_stable(random_inputs, dtype,
-                                         deterministic_algorithms):
+def skip_without_cuda_kernel():
     if not torch.cuda.is_available():
         pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
     if not (extension_loaded()
@@ -126,25 +157,62 @@ def test_cuda_backward_is_bitwise_stable(random_inputs, dtype,
                 'ddetr_plugin::ms_deform_attn_forward', 'CUDA')):
         pytest.skip('ddetr_plugin._C has no CUDA kernel: '
                     f'{extension_error() or "built without CUDA"}')
+
+
+def cuda_gradients(inputs, grad_output):
+    """Gradients of value, locations and weights from the CUDA op, for
+    CPU ``inputs`` and ``grad_output``, returned on the GPU."""
+    leaves = [
+        tensor.detach().cuda().requires_grad_()
+        if tensor.is_floating_point() else tensor.cuda() for tensor in inputs
+    ]
+    ms_deform_attn(*leaves).backward(grad_output.cuda())
+    torch.cuda.synchronize()
+    return [leaves[index].grad for index in (0, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_cuda_gather_gives_the_cpu_runs_bits(emulator, random_inputs, dtype):
+    # The gather's roundings are all explicit (products and fused
+    # multiply-adds), so the kernels run on the CPU give the GPU's bits,
+    # and only the deterministic path does: the control below shows that
+    # the atomic path's value gradient differs from them.
+    skip_without_cuda_kernel()
     inputs, grad_output = contended_case(random_inputs, dtype, 32)
-    inputs = [tensor.cuda() for tensor in inputs]
-    grad_output = grad_output.cuda()
+    emulated = emulator.backward(grad_output, *inputs, deterministic=True)[0]
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        gathered = cuda_gradients(inputs, grad_output)[0].cpu()
+        torch.use_deterministic_algorithms(False)
+        scattered = cuda_gradients(inputs, grad_output)[0].cpu()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(gathered, emulated), (
+        f'{(gathered != emulated).sum().item()} of {emulated.numel()} '
+        'elements differ from the CPU run of the deterministic path')
+    if dtype == torch.float32:  # bf16 rounds the float32 sums alike
+        assert not torch.equal(scattered, emulated), (
+            'the atomic path gave the deterministic bits: this comparison '
+            'cannot tell which path ran')
+
+
+@pytest.mark.parametrize(
+    'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_cuda_backward_is_bitwise_stable(random_inputs, dtype,
+                                         deterministic_algorithms):
+    skip_without_cuda_kernel()
+    inputs, grad_output = contended_case(random_inputs, dtype, 32)
 
     def gradients():
-        leaves = [
-            tensor.detach().clone().requires_grad_()
-            if tensor.is_floating_point() else tensor for tensor in inputs
-        ]
-        ms_deform_attn(*leaves).backward(grad_output)
-        torch.cuda.synchronize()
-        return [leaves[index].grad for index in (0, 3, 4)]
+        return cuda_gradients(inputs, grad_output)
 
     first = gradients()
     for _ in range(3):
         for have, want in zip(gradients(), first):
             assert torch.equal(have, want)
-    expected = reference_value_gradient([t.cpu() for t in inputs],
-                                        grad_output.cpu())
+    expected = reference_value_gradient(inputs, grad_output)
     torch.testing.assert_close(
         first[0].cpu().double(),
         expected,

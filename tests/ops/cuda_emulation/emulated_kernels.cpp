@@ -5,10 +5,14 @@
 // <cuda_fp16.h> and <cuda_bf16.h>. The launch configuration (block and grid
 // sizes, channel pack widths, backward lane groups) comes from the same
 // ms_deform_attn_launch_config.h as the real launcher, so the emulation
-// takes the launcher's decisions for the given pointers and sizes. Only the
-// at::Tensor glue of ms_deform_attn_cuda.cu (checks, allocation) is not
-// exercised: the caller allocates, zeroes grad_value's float accumulation
-// buffer and rounds it to the value's dtype, as that glue does.
+// takes the launcher's decisions for the given pointers and sizes: the grid
+// (num_blocks_for, which refuses an empty grid as CUDA does), and the value
+// gradient's path and sort (plan_value_grad, which reads the deterministic
+// switch). Only the at::Tensor glue of ms_deform_attn_cuda.cu (checks,
+// allocation) is not exercised: the caller allocates what the plan says,
+// zeroes grad_value's float accumulation buffer and rounds it to the
+// value's dtype, as that glue does. The deterministic path's sort is CUB's
+// radix sort there; here a stable sort by the same low key bits.
 //
 // This checks indexing, packing, grid-stride loops, lane groups and their
 // shuffle reductions, and half-precision rounding. It cannot check what only
@@ -23,6 +27,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -36,6 +41,7 @@ using ddetr_plugin::cuda::kMaxPackBytes;
 using ddetr_plugin::cuda::kThreadsPerBlock;
 using ddetr_plugin::cuda::kWarpSize;
 using ddetr_plugin::cuda::ProblemSize;
+using ddetr_plugin::cuda::ValueGradPlan;
 
 enum DtypeCode { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -97,7 +103,12 @@ struct LaunchOptions {
 // modified by `options`.
 std::string launch_for(const std::function<void()>& kernel,
                        int64_t num_threads, const LaunchOptions& options) {
-  int64_t blocks = ddetr_plugin::cuda::num_blocks_for(num_threads);
+  int64_t blocks = 0;
+  try {
+    blocks = ddetr_plugin::cuda::num_blocks_for(num_threads);
+  } catch (const std::invalid_argument& error) {
+    return error.what();
+  }
   if (options.max_blocks > 0 && blocks > options.max_blocks) {
     blocks = options.max_blocks;
   }
@@ -205,8 +216,79 @@ std::string run_backward(const void* grad_output, const void* value,
   return launch_for(kernel, num_threads, options);
 }
 
-// scatter_value_grad false: grad_value is left alone (may be null), as in
-// the deterministic backward.
+// The scratch of the deterministic value gradient, allocated by the caller
+// as plan_value_grad sizes it: rows, scales and order (num_entries,),
+// row_offsets (num_rows + 1,).
+struct GatherScratch {
+  int64_t* rows;
+  void* scales;
+  int64_t* order;
+  int64_t* row_offsets;
+};
+
+// CUB's DeviceRadixSort::SortPairs(begin_bit 0, end_bit key_bits) as the
+// launcher calls it: a stable sort of the entries by the low key_bits bits
+// of their rows (higher bits ignored, as by the radix sort), the rows
+// rewritten in sorted order and `order` holding the entry at each position.
+void sort_rows(int64_t* rows, int64_t* order, int64_t num_entries,
+               int key_bits) {
+  const uint64_t mask =
+      key_bits >= 64 ? ~uint64_t(0) : (uint64_t(1) << key_bits) - 1;
+  std::iota(order, order + num_entries, int64_t(0));
+  std::stable_sort(order, order + num_entries, [&](int64_t a, int64_t b) {
+    return (static_cast<uint64_t>(rows[a]) & mask) <
+           (static_cast<uint64_t>(rows[b]) & mask);
+  });
+  std::vector<int64_t> sorted(num_entries);
+  for (int64_t position = 0; position < num_entries; ++position) {
+    sorted[position] = rows[order[position]];
+  }
+  std::copy(sorted.begin(), sorted.end(), rows);
+}
+
+// The launcher's deterministic value gradient (value_grad_by_gather):
+// corner rows, the sort, at::searchsorted's first position of every row
+// 0..num_rows, the gather.
+template <typename scalar_t>
+std::string gather_value_grad(const void* grad_output,
+                              const int64_t* spatial_shapes,
+                              const int64_t* level_start_index,
+                              const void* sampling_locations,
+                              const void* attention_weights, void* grad_value,
+                              const GatherScratch& scratch,
+                              const ProblemSize& size,
+                              const ValueGradPlan& plan,
+                              const LaunchOptions& options) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const auto corner_rows = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_corner_rows_kernel<opmath_t>(
+        spatial_shapes, level_start_index,
+        static_cast<const opmath_t*>(sampling_locations),
+        static_cast<const opmath_t*>(attention_weights), scratch.rows,
+        static_cast<opmath_t*>(scratch.scales), size);
+  };
+  std::string error = launch_for(corner_rows, plan.num_entries, options);
+  if (!error.empty()) return error;
+  sort_rows(scratch.rows, scratch.order, plan.num_entries,
+            plan.sort_key_bits);
+  for (int64_t row = 0; row <= plan.num_rows; ++row) {
+    scratch.row_offsets[row] =
+        std::lower_bound(scratch.rows, scratch.rows + plan.num_entries, row) -
+        scratch.rows;
+  }
+  const auto gather = [&] {
+    ddetr_plugin::cuda::ms_deform_attn_value_grad_gather_kernel<scalar_t>(
+        static_cast<const scalar_t*>(grad_output), scratch.row_offsets,
+        scratch.order, static_cast<const opmath_t*>(scratch.scales),
+        static_cast<scalar_t*>(grad_value), size);
+  };
+  return launch_for(gather, plan.num_items, options);
+}
+
+// The launcher's backward after its checks and allocation: grad_value
+// gathered (plan.gather: written whole in the value's dtype) or scattered
+// into by the backward kernel (a zeroed opmath_t buffer), then the backward
+// kernel for the location and weight gradients.
 template <typename scalar_t>
 std::string backward(const void* grad_output, const void* value,
                      const int64_t* spatial_shapes,
@@ -214,72 +296,37 @@ std::string backward(const void* grad_output, const void* value,
                      const void* sampling_locations,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
-                     void* grad_attention_weights, const ProblemSize& size,
-                     const LaunchOptions& options, bool scatter_value_grad,
+                     void* grad_attention_weights,
+                     const GatherScratch& scratch, const ProblemSize& size,
+                     const ValueGradPlan& plan, const LaunchOptions& options,
                      int* width_used, int* group_size_used) {
+  if (plan.gather && plan.num_items > 0) {
+    const std::string error = gather_value_grad<scalar_t>(
+        grad_output, spatial_shapes, level_start_index, sampling_locations,
+        attention_weights, grad_value, scratch, size, plan, options);
+    if (!error.empty()) return error;
+  }
+  void* accumulator = plan.gather ? nullptr : grad_value;
   const int width = ddetr_plugin::cuda::backward_pack_width(
       size.head_dims, sizeof(scalar_t), sizeof(at::opmath_type<scalar_t>),
-      grad_output, value, grad_value);
+      grad_output, value, accumulator);
   *width_used = width;
   const auto run = [&](auto width_constant, auto scatter_constant) {
     return run_backward<scalar_t, decltype(width_constant)::value,
                         decltype(scatter_constant)::value>(
         grad_output, value, spatial_shapes, level_start_index,
-        sampling_locations, attention_weights, grad_value,
+        sampling_locations, attention_weights, accumulator,
         grad_sampling_locations, grad_attention_weights, size, options,
         group_size_used);
   };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
   if (width == 2) {
-    return scatter_value_grad ? run(Two{}, std::true_type{})
-                              : run(Two{}, std::false_type{});
+    return plan.gather ? run(Two{}, std::false_type{})
+                       : run(Two{}, std::true_type{});
   }
-  return scatter_value_grad ? run(One{}, std::true_type{})
-                            : run(One{}, std::false_type{});
-}
-
-// Step 1 of the deterministic value gradient: rows and scales of every
-// (query head, sample, corner) entry.
-template <typename scalar_t>
-std::string corner_rows(const int64_t* spatial_shapes,
-                        const int64_t* level_start_index,
-                        const void* sampling_locations,
-                        const void* attention_weights, int64_t* rows,
-                        void* scales, const ProblemSize& size,
-                        const LaunchOptions& options) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t num_entries = size.batch_size * size.num_queries *
-                              size.num_heads * size.num_levels *
-                              size.num_points * 4;
-  const auto kernel = [&] {
-    ddetr_plugin::cuda::ms_deform_attn_corner_rows_kernel<opmath_t>(
-        spatial_shapes, level_start_index,
-        static_cast<const opmath_t*>(sampling_locations),
-        static_cast<const opmath_t*>(attention_weights), rows,
-        static_cast<opmath_t*>(scales), size);
-  };
-  return launch_for(kernel, num_entries, options);
-}
-
-// Step 3: the gather over the sorted entries (the caller sorts, as the
-// launcher does with at::sort and at::searchsorted).
-template <typename scalar_t>
-std::string value_grad_gather(const void* grad_output,
-                              const int64_t* row_offsets,
-                              const int64_t* order, const void* scales,
-                              void* grad_value, const ProblemSize& size,
-                              const LaunchOptions& options) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t num_items =
-      size.batch_size * size.num_keys * size.num_heads * size.head_dims;
-  const auto kernel = [&] {
-    ddetr_plugin::cuda::ms_deform_attn_value_grad_gather_kernel<scalar_t>(
-        static_cast<const scalar_t*>(grad_output), row_offsets, order,
-        static_cast<const opmath_t*>(scales),
-        static_cast<scalar_t*>(grad_value), size);
-  };
-  return launch_for(kernel, num_items, options);
+  return plan.gather ? run(One{}, std::false_type{})
+                     : run(One{}, std::true_type{});
 }
 
 int report(const std::string& message, char* error, int64_t error_size) {
@@ -334,69 +381,62 @@ int emulate_forward(int dtype, const void* value,
   return report(message, error, error_size);
 }
 
-// grad_value is the launcher's accumulation buffer: zeroed by the caller,
-// of at::opmath_type of the value's dtype (float32 for half types), which
-// the caller rounds to the value's dtype afterwards. Options as for
-// emulate_forward. On return,
-// *width_used holds the channels per lane and *group_size_used the lanes
-// per query head that the launcher's rules chose.
+// The launcher's plan of the value gradient for these sizes (see
+// plan_value_grad): plan[0] gather (0 or 1), then num_entries, num_rows,
+// num_items and sort_key_bits.
+void emulate_value_grad_plan(const int64_t* sizes, int deterministic,
+                             int64_t* plan) {
+  const ValueGradPlan value_grad = ddetr_plugin::cuda::plan_value_grad(
+      problem_size(sizes), deterministic != 0);
+  plan[0] = value_grad.gather;
+  plan[1] = value_grad.num_entries;
+  plan[2] = value_grad.num_rows;
+  plan[3] = value_grad.num_items;
+  plan[4] = value_grad.sort_key_bits;
+}
+
+// The backward as the launcher runs it, on the path plan_value_grad picks
+// for `deterministic`. grad_value: with the gather, of the value's dtype;
+// otherwise the launcher's accumulation buffer, zeroed by the caller, of
+// at::opmath_type of the value's dtype (float32 for half types), which the
+// caller rounds to the value's dtype afterwards. rows, scales, order and
+// row_offsets: the gather's scratch, sized by the plan (unused without it).
+// Options as for emulate_forward. On return, *width_used holds the channels
+// per lane and *group_size_used the lanes per query head that the
+// launcher's rules chose.
 int emulate_backward(int dtype, const void* grad_output, const void* value,
                      const int64_t* spatial_shapes,
                      const int64_t* level_start_index,
                      const void* sampling_locations,
                      const void* attention_weights, void* grad_value,
                      void* grad_sampling_locations,
-                     void* grad_attention_weights, const int64_t* sizes,
-                     int64_t max_blocks, int64_t order,
-                     int scatter_value_grad, int* width_used,
+                     void* grad_attention_weights, int64_t* rows,
+                     void* scales, int64_t* order, int64_t* row_offsets,
+                     const int64_t* sizes, int64_t max_blocks,
+                     int64_t run_order, int deterministic, int* width_used,
                      int* group_size_used, char* error, int64_t error_size) {
   const ProblemSize size = problem_size(sizes);
-  const LaunchOptions options{max_blocks, order};
+  const LaunchOptions options{max_blocks, run_order};
+  const ValueGradPlan plan =
+      ddetr_plugin::cuda::plan_value_grad(size, deterministic != 0);
+  const GatherScratch scratch{rows, scales, order, row_offsets};
   const std::string message = dispatch(dtype, [&](auto type) {
     return backward<decltype(type)>(
         grad_output, value, spatial_shapes, level_start_index,
         sampling_locations, attention_weights, grad_value,
-        grad_sampling_locations, grad_attention_weights, size, options,
-        scatter_value_grad != 0, width_used, group_size_used);
+        grad_sampling_locations, grad_attention_weights, scratch, size, plan,
+        options, width_used, group_size_used);
   });
   return report(message, error, error_size);
 }
 
-// The deterministic value gradient's kernels (see
-// ms_deform_attn_deterministic.cuh); dtype is the value's, scales are of
-// its opmath type. Options as for emulate_forward.
-int emulate_corner_rows(int dtype, const int64_t* spatial_shapes,
-                        const int64_t* level_start_index,
-                        const void* sampling_locations,
-                        const void* attention_weights, int64_t* rows,
-                        void* scales, const int64_t* sizes,
-                        int64_t max_blocks, int64_t order, char* error,
-                        int64_t error_size) {
-  const ProblemSize size = problem_size(sizes);
-  const LaunchOptions options{max_blocks, order};
-  const std::string message = dispatch(dtype, [&](auto type) {
-    return corner_rows<decltype(type)>(spatial_shapes, level_start_index,
-                                       sampling_locations, attention_weights,
-                                       rows, scales, size, options);
-  });
-  return report(message, error, error_size);
-}
-
-int emulate_value_grad_gather(int dtype, const void* grad_output,
-                              const int64_t* row_offsets,
-                              const int64_t* sorted_entries,
-                              const void* scales, void* grad_value,
-                              const int64_t* sizes, int64_t max_blocks,
-                              int64_t order, char* error,
-                              int64_t error_size) {
-  const ProblemSize size = problem_size(sizes);
-  const LaunchOptions options{max_blocks, order};
-  const std::string message = dispatch(dtype, [&](auto type) {
-    return value_grad_gather<decltype(type)>(grad_output, row_offsets,
-                                             sorted_entries, scales,
-                                             grad_value, size, options);
-  });
-  return report(message, error, error_size);
+// Launches a kernel for 0 threads, as a launcher that forgot to skip an
+// empty launch would; the emulation must refuse it (returns 1), as CUDA
+// does.
+int emulate_empty_launch_probe(char* error, int64_t error_size) {
+  const auto kernel = [] {};
+  return report(launch_for(kernel, 0, LaunchOptions{0, kFirstToLast}), error,
+                error_size);
 }
 
 // Runs a kernel whose first lane returns before a full-mask shuffle that

@@ -14,7 +14,7 @@ import os
 import os.path as osp
 import shutil
 import subprocess
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.utils.cpp_extension
@@ -38,6 +38,9 @@ OPMATH_DTYPES = {
     torch.bfloat16: torch.float32,
 }
 ERROR_SIZE = 1024
+# The fields of the launcher's value-gradient plan, in the C side's order.
+PLAN_FIELDS = ('gather', 'num_entries', 'num_rows', 'num_items',
+               'sort_key_bits')
 
 
 class CompilerMissing(RuntimeError):
@@ -61,8 +64,11 @@ def build(directory: str) -> str:
     # -O3: the full-size cases run a fifth faster than at -O2. Without
     # -ffast-math it may not reorder floating-point sums: the R50 case gave
     # the same bits as at -O2 (output and all three gradients, both halves).
+    # -ffp-contract=off: no a * b + c fused where the source does not say
+    # so (with -mfma or -march=native g++ would), as the kernels spell out
+    # their fused multiply-adds to give a GPU's bits.
     command = [
-        compiler, '-std=c++17', '-O3', '-shared', '-fPIC',
+        compiler, '-std=c++17', '-O3', '-ffp-contract=off', '-shared', '-fPIC',
         f'-D_GLIBCXX_USE_CXX11_ABI={abi}', '-Wall', '-Wno-unknown-pragmas',
         '-include',
         osp.join(HERE, 'cuda_shim.h'), '-I',
@@ -143,16 +149,17 @@ class EmulatedKernels:
             ctypes.c_char_p, int64
         ]
         self._library.emulate_backward.argtypes = (
-            [ctypes.c_int] + [pointer] * 9 + [
+            [ctypes.c_int] + [pointer] * 13 + [
                 ctypes.POINTER(int64), int64, int64, ctypes.c_int, int_pointer,
                 int_pointer, ctypes.c_char_p, int64
             ])
-        self._library.emulate_corner_rows.argtypes = (
-            [ctypes.c_int] + [pointer] * 6 +
-            [ctypes.POINTER(int64), int64, int64, ctypes.c_char_p, int64])
-        self._library.emulate_value_grad_gather.argtypes = (
-            [ctypes.c_int] + [pointer] * 5 +
-            [ctypes.POINTER(int64), int64, int64, ctypes.c_char_p, int64])
+        self._library.emulate_value_grad_plan.argtypes = [
+            ctypes.POINTER(int64), ctypes.c_int,
+            ctypes.POINTER(int64)
+        ]
+        self._library.emulate_empty_launch_probe.argtypes = [
+            ctypes.c_char_p, int64
+        ]
 
     @staticmethod
     def _call(function, *arguments) -> None:
@@ -219,6 +226,17 @@ class EmulatedKernels:
         _check_guards(buffer, 'output')
         return output.clone(), width.value
 
+    def value_grad_plan(self, value: Tensor, sampling_locations: Tensor,
+                        deterministic: bool) -> Dict[str, int]:
+        """The launcher's plan of the value gradient (``plan_value_grad``
+        in ``ms_deform_attn_launch_config.h``): ``gather`` (1 for the
+        deterministic gather, 0 for atomics), ``num_entries``, ``num_rows``,
+        ``num_items`` and ``sort_key_bits``."""
+        plan = (ctypes.c_int64 * len(PLAN_FIELDS))()
+        self._library.emulate_value_grad_plan(
+            self._sizes(value, sampling_locations), int(deterministic), plan)
+        return dict(zip(PLAN_FIELDS, plan))
+
     def backward(
         self,
         grad_output: Tensor,
@@ -234,23 +252,26 @@ class EmulatedKernels:
     ) -> Tuple[Tensor, Tensor, Tensor, int, int]:
         """Returns the gradients of value, sampling_locations and
         attention_weights, the channels per lane and the lanes per query
-        head. ``deterministic``: the launcher's path under
-        ``torch.use_deterministic_algorithms(True)`` (grad_value gathered,
-        no atomics)."""
+        head. ``deterministic``: what ``torch.use_deterministic_algorithms``
+        says; the launcher's own rule picks the path from it (see
+        ``value_grad_plan``)."""
         inputs = [
             grad_output, value, spatial_shapes, level_start_index,
             sampling_locations, attention_weights
         ]
         self._check(inputs, value)
-        order = self._order(reverse, shuffle_seed)
-        if deterministic:
-            return self._deterministic_backward(inputs, max_blocks, order)
-        # The launcher's allocation: grad_value accumulated in a zeroed
-        # buffer (it is scattered into with atomics) of the op-math dtype,
-        # float32 for half types, rounded to value's dtype at the end; the
-        # other two written once per sample.
-        value_buffer, grad_value = _guarded(
-            tuple(value.shape), OPMATH_DTYPES[value.dtype], 0.0)
+        plan = self.value_grad_plan(value, sampling_locations, deterministic)
+        # The launcher's allocation. Gathered: grad_value written whole in
+        # value's dtype. Scattered with atomics: accumulated in a zeroed
+        # buffer of the op-math dtype, float32 for half types, rounded to
+        # value's dtype at the end. The other two written once per sample.
+        if plan['gather']:
+            value_buffer, grad_value = _guarded(
+                tuple(value.shape), value.dtype, float('nan'))
+        else:
+            value_buffer, grad_value = _guarded(
+                tuple(value.shape), OPMATH_DTYPES[value.dtype], 0.0)
+        scratch = self._gather_scratch(plan, value.dtype)
         locations_buffer, grad_locations = _guarded(
             tuple(sampling_locations.shape), sampling_locations.dtype,
             float('nan'))
@@ -261,60 +282,39 @@ class EmulatedKernels:
         self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
                    *map(_pointer, inputs), _pointer(grad_value),
                    _pointer(grad_locations), _pointer(grad_weights),
-                   self._sizes(value, sampling_locations), max_blocks, order,
-                   1, ctypes.byref(width), ctypes.byref(group_size))
+                   *(_pointer(tensor) for _, tensor in scratch.values()),
+                   self._sizes(value, sampling_locations), max_blocks,
+                   self._order(reverse, shuffle_seed), int(deterministic),
+                   ctypes.byref(width), ctypes.byref(group_size))
         _check_guards(value_buffer, 'grad_value')
         _check_guards(locations_buffer, 'grad_sampling_locations')
         _check_guards(weights_buffer, 'grad_attention_weights')
+        for name, (buffer, _) in scratch.items():
+            _check_guards(buffer, name)
         return (grad_value.to(value.dtype), grad_locations.clone(),
                 grad_weights.clone(), width.value, group_size.value)
 
-    def _deterministic_backward(self, inputs: List[Tensor], max_blocks: int,
-                                order: int):
-        """The launcher's deterministic path: corner rows, a stable sort
-        and searchsorted (the ATen ops the launcher calls), the gather, then
-        the backward kernel without its grad_value scatter."""
-        grad_output, value, spatial_shapes, level_start_index = inputs[:4]
-        sampling_locations, attention_weights = inputs[4:]
-        batch_size, num_keys, num_heads, _ = value.shape
-        sizes = self._sizes(value, sampling_locations)
-        num_entries = attention_weights.numel() * 4
-        rows_buffer, rows = _guarded((num_entries, ), torch.int64, -7)
-        scales_buffer, scales = _guarded((num_entries, ),
-                                         OPMATH_DTYPES[value.dtype],
-                                         float('nan'))
-        self._call(self._library.emulate_corner_rows, DTYPE_CODES[value.dtype],
-                   _pointer(spatial_shapes), _pointer(level_start_index),
-                   _pointer(sampling_locations), _pointer(attention_weights),
-                   _pointer(rows), _pointer(scales), sizes, max_blocks, order)
-        _check_guards(rows_buffer, 'rows')
-        _check_guards(scales_buffer, 'scales')
-        sorted_rows, sorted_entries = torch.sort(rows, stable=True)
-        row_offsets = torch.searchsorted(
-            sorted_rows, torch.arange(batch_size * num_keys * num_heads + 1))
-        value_buffer, grad_value = _guarded(
-            tuple(value.shape), value.dtype, float('nan'))
-        self._call(self._library.emulate_value_grad_gather,
-                   DTYPE_CODES[value.dtype], _pointer(grad_output),
-                   _pointer(row_offsets), _pointer(sorted_entries),
-                   _pointer(scales), _pointer(grad_value), sizes, max_blocks,
-                   order)
-        _check_guards(value_buffer, 'grad_value')
-        locations_buffer, grad_locations = _guarded(
-            tuple(sampling_locations.shape), sampling_locations.dtype,
-            float('nan'))
-        weights_buffer, grad_weights = _guarded(
-            tuple(attention_weights.shape), attention_weights.dtype,
-            float('nan'))
-        width, group_size = ctypes.c_int(0), ctypes.c_int(0)
-        self._call(self._library.emulate_backward, DTYPE_CODES[value.dtype],
-                   *map(_pointer, inputs), None, _pointer(grad_locations),
-                   _pointer(grad_weights), sizes, max_blocks, order, 0,
-                   ctypes.byref(width), ctypes.byref(group_size))
-        _check_guards(locations_buffer, 'grad_sampling_locations')
-        _check_guards(weights_buffer, 'grad_attention_weights')
-        return (grad_value.clone(), grad_locations.clone(),
-                grad_weights.clone(), width.value, group_size.value)
+    @staticmethod
+    def _gather_scratch(
+            plan: Dict[str, int],
+            dtype: torch.dtype) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """(buffer, tensor) of the gather's scratch as the plan sizes it
+        (empty without the gather), in the C side's argument order."""
+        entries, rows = (plan['num_entries'], ), (plan['num_rows'] + 1, )
+        return {
+            'rows': _guarded(entries, torch.int64, -7),
+            'scales': _guarded(entries, OPMATH_DTYPES[dtype], float('nan')),
+            'order': _guarded(entries, torch.int64, -7),
+            'row_offsets': _guarded(rows, torch.int64, -7),
+        }
+
+    def empty_launch_probe(self) -> None:
+        """Launches a kernel for 0 threads.
+
+        Raises:
+            RuntimeError: with the emulation's message, as it should.
+        """
+        self._call(self._library.emulate_empty_launch_probe)
 
     def divergent_shuffle_probe(self):
         """Runs a kernel with a divergent full-mask shuffle.

@@ -15,11 +15,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/searchsorted.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
@@ -216,10 +216,45 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Sorts `rows` (num_entries,) stably by their low `key_bits` bits and
+// returns (sorted rows, entry at each sorted position). A radix sort (LSD)
+// is stable; CUB's with a begin and end bit makes only the passes those
+// bits need. DoubleBuffer: the two buffers of keys and of values are the
+// sort's only large temporaries; CUB's own storage is a few histograms.
+std::tuple<at::Tensor, at::Tensor> sort_rows(at::Tensor& rows, int key_bits,
+                                             cudaStream_t stream) {
+  const int64_t num_entries = rows.numel();
+  at::Tensor entries = at::arange(num_entries, rows.options());
+  at::Tensor rows_buffer = at::empty_like(rows);
+  at::Tensor entries_buffer = at::empty_like(entries);
+  // Non-negative int64 keys order like their uint64 bit patterns.
+  const auto as_keys = [](at::Tensor& tensor) {
+    return reinterpret_cast<uint64_t*>(tensor.mutable_data_ptr<int64_t>());
+  };
+  cub::DoubleBuffer<uint64_t> keys(as_keys(rows), as_keys(rows_buffer));
+  cub::DoubleBuffer<int64_t> values(entries.mutable_data_ptr<int64_t>(),
+                                    entries_buffer.mutable_data_ptr<int64_t>());
+  size_t storage_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, storage_bytes, keys, values, num_entries, 0, key_bits,
+      stream));
+  at::Tensor storage = at::empty({static_cast<int64_t>(storage_bytes)},
+                                 rows.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      storage.mutable_data_ptr(), storage_bytes, keys, values, num_entries, 0,
+      key_bits, stream));
+  // The sort leaves its result in whichever buffer its last pass wrote.
+  return std::make_tuple(keys.selector == 0 ? rows : rows_buffer,
+                         values.selector == 0 ? entries : entries_buffer);
+}
+
 // The deterministic value gradient (ms_deform_attn_deterministic.cuh):
 // corner rows, a stable sort by row, row segments, then one thread per
 // grad_value element summing its segment in order. Writes all of
-// grad_value, in the value's dtype.
+// grad_value, in the value's dtype. Scratch (docs/benchmarks.md): per entry
+// its row and scale, the entry index and the sort's second buffers of both
+// (36 bytes in float32, 40 in double), per value row 16 bytes (the rows
+// searched for and their segment offsets), and CUB's histograms.
 template <typename scalar_t>
 void value_grad_by_gather(const at::Tensor& grad_output,
                           const at::Tensor& spatial_shapes,
@@ -227,17 +262,14 @@ void value_grad_by_gather(const at::Tensor& grad_output,
                           const at::Tensor& sampling_locations,
                           const at::Tensor& attention_weights,
                           at::Tensor& grad_value, const ProblemSize& size,
-                          cudaStream_t stream) {
+                          const ValueGradPlan& plan, cudaStream_t stream) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t num_entries = size.batch_size * size.num_queries *
-                              size.num_heads * size.num_levels *
-                              size.num_points * 4;
-  const int64_t num_rows = size.batch_size * size.num_keys * size.num_heads;
-  at::Tensor rows =
-      at::empty({num_entries}, sampling_locations.options().dtype(at::kLong));
-  at::Tensor scales = at::empty({num_entries}, sampling_locations.options());
+  at::Tensor rows = at::empty({plan.num_entries},
+                              sampling_locations.options().dtype(at::kLong));
+  at::Tensor scales = at::empty({plan.num_entries},
+                                sampling_locations.options());
   ms_deform_attn_corner_rows_kernel<opmath_t>
-      <<<num_blocks_for(num_entries), kThreadsPerBlock, 0, stream>>>(
+      <<<num_blocks_for(plan.num_entries), kThreadsPerBlock, 0, stream>>>(
           spatial_shapes.const_data_ptr<int64_t>(),
           level_start_index.const_data_ptr<int64_t>(),
           sampling_locations.const_data_ptr<opmath_t>(),
@@ -246,19 +278,17 @@ void value_grad_by_gather(const at::Tensor& grad_output,
           scales.mutable_data_ptr<opmath_t>(), size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Stable: within a row, entries keep their increasing order, so the sum
-  // order is fixed. (Both ATen ops are deterministic on CUDA.)
-  const auto sorted = at::sort(rows, /*stable=*/true, /*dim=*/0,
-                               /*descending=*/false);
+  // order is fixed. (at::searchsorted is deterministic on CUDA.)
+  const auto [sorted_rows, order] =
+      sort_rows(rows, plan.sort_key_bits, stream);
   const at::Tensor row_offsets = at::searchsorted(
-      std::get<0>(sorted), at::arange(num_rows + 1, rows.options()));
-  const at::Tensor& order = std::get<1>(sorted);
+      sorted_rows, at::arange(plan.num_rows + 1, rows.options()));
   ms_deform_attn_value_grad_gather_kernel<scalar_t>
-      <<<num_blocks_for(num_rows * size.head_dims), kThreadsPerBlock, 0,
-         stream>>>(grad_output.const_data_ptr<scalar_t>(),
-                   row_offsets.const_data_ptr<int64_t>(),
-                   order.const_data_ptr<int64_t>(),
-                   scales.const_data_ptr<opmath_t>(),
-                   grad_value.mutable_data_ptr<scalar_t>(), size);
+      <<<num_blocks_for(plan.num_items), kThreadsPerBlock, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(),
+          row_offsets.const_data_ptr<int64_t>(),
+          order.const_data_ptr<int64_t>(), scales.const_data_ptr<opmath_t>(),
+          grad_value.mutable_data_ptr<scalar_t>(), size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -287,7 +317,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   // in opmath_t: half and bfloat16 gradients are summed in a float32
   // buffer and rounded once at the end (see the backward kernel). The other
   // two gradients are written once per sample by the backward kernel.
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const ValueGradPlan plan = plan_value_grad(
+      size, at::globalContext().deterministicAlgorithms());
+  const bool deterministic = plan.gather;
   const at::ScalarType opmath_dtype = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value =
       deterministic
@@ -318,12 +350,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
         using opmath_t = at::opmath_type<scalar_t>;
         opmath_t* accumulator =
             deterministic ? nullptr : grad_value.mutable_data_ptr<opmath_t>();
-        if (deterministic) {
+        // Nothing to gather when grad_value is empty (no key): CUDA would
+        // reject the gather's empty grid.
+        if (deterministic && plan.num_items > 0) {
           value_grad_by_gather<scalar_t>(grad_output, spatial_shapes,
                                          level_start_index,
                                          sampling_locations,
                                          attention_weights, grad_value, size,
-                                         stream);
+                                         plan, stream);
         }
         const int width = backward_pack_width(
             size.head_dims, sizeof(scalar_t), sizeof(opmath_t),

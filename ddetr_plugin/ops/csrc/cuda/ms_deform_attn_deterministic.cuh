@@ -11,16 +11,20 @@
 //      sample, corner) entry writes the value row the corner reads,
 //      (batch * keys + key) * heads + head, or num_rows for a corner
 //      outside the map, and its weight attention * bilinear weight.
-//   2. The launcher sorts the entries by row with a stable sort, so each
-//      row's entries are contiguous and in increasing entry order, and
-//      finds each row's segment with searchsorted.
+//   2. The launcher sorts the entries by row with a stable radix sort over
+//      the bits the row numbers need (plan_value_grad), so each row's
+//      entries are contiguous and in increasing entry order, and finds each
+//      row's segment with searchsorted.
 //   3. ms_deform_attn_value_grad_gather_kernel: one thread per (row,
 //      channel) sums weight * grad_output over its segment, in that order,
-//      and writes the element once.
+//      with fused multiply-adds, and writes the element once.
 //
 // The result depends on neither the launch configuration nor the order in
-// which threads run. Cost: 28 bytes of scratch per entry (4 per sample; 320
-// MB at the R50 encoder size) and a sort, which is why it is opt-in.
+// which threads run, and every rounding is explicit (products, fused
+// multiply-adds, no expression the compiler may contract), so the CPU
+// emulation computes the same bits as a GPU. Cost: 36 bytes of scratch per
+// entry in float32 (4 entries per sample; 410 MB at the R50 encoder size,
+// batch 1; docs/benchmarks.md) and a sort, which is why it is opt-in.
 // Shapes and the "query head" as in ms_deform_attn_kernels.cuh.
 #pragma once
 
@@ -108,9 +112,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
          ++position) {
       const int64_t entry = order[position];
       const int64_t query_head = entry / entries_per_head;
-      sum += scales[entry] *
-             static_cast<opmath_t>(
-                 grad_output[query_head * size.head_dims + channel]);
+      sum = fused_multiply_add(
+          scales[entry],
+          static_cast<opmath_t>(
+              grad_output[query_head * size.head_dims + channel]),
+          sum);
     }
     grad_value[item] = static_cast<scalar_t>(sum);
   }

@@ -49,6 +49,20 @@ __device__ __forceinline__ double floor_of(double number) {
   return floor(number);
 }
 
+// a * b + c rounded once. Written out wherever a product is summed, because
+// nvcc contracts a * b + c into this by default and a host compiler does
+// not: explicit, both give the same bits (the CPU emulation's bit-for-bit
+// comparison with the GPU relies on it).
+__device__ __forceinline__ float fused_multiply_add(float a, float b,
+                                                    float c) {
+  return fmaf(a, b, c);
+}
+
+__device__ __forceinline__ double fused_multiply_add(double a, double b,
+                                                     double c) {
+  return fma(a, b, c);
+}
+
 // The four pixels around one sampling point of one level, in the order
 // (top, left), (top, right), (bottom, left), (bottom, right).
 template <typename opmath_t>
@@ -80,10 +94,10 @@ __device__ __forceinline__ BilinearCorners<opmath_t> locate_corners(
     opmath_t location_x, opmath_t location_y, int64_t height,
     int64_t width) {
   BilinearCorners<opmath_t> corners;
-  const opmath_t pixel_y =
-      location_y * static_cast<opmath_t>(height) - opmath_t(0.5);
-  const opmath_t pixel_x =
-      location_x * static_cast<opmath_t>(width) - opmath_t(0.5);
+  const opmath_t pixel_y = fused_multiply_add(
+      location_y, static_cast<opmath_t>(height), opmath_t(-0.5));
+  const opmath_t pixel_x = fused_multiply_add(
+      location_x, static_cast<opmath_t>(width), opmath_t(-0.5));
   corners.any_inside = pixel_y >= opmath_t(-1) && pixel_x >= opmath_t(-1) &&
                        pixel_y < static_cast<opmath_t>(height) &&
                        pixel_x < static_cast<opmath_t>(width);

@@ -24,16 +24,6 @@
 namespace ddetr_plugin {
 namespace cuda {
 
-struct ProblemSize {
-  int64_t batch_size;
-  int64_t num_keys;
-  int64_t num_queries;
-  int64_t num_heads;
-  int64_t head_dims;
-  int64_t num_levels;
-  int64_t num_points;
-};
-
 // Forward: one thread per (query head, pack of kWidth channels).
 //
 // Neighbouring threads hold neighbouring channel packs of the same query

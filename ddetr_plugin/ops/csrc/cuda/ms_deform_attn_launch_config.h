@@ -1,5 +1,6 @@
 // Launch configuration of the multi-scale deformable attention CUDA kernels:
-// block and grid sizes, channel packing and backward lane groups.
+// block and grid sizes, channel packing, backward lane groups and the plan
+// of the value gradient (atomics or the deterministic gather).
 //
 // Plain host C++ with no CUDA dependency, so that the launcher
 // (ms_deform_attn_cuda.cu) and the CPU emulation of the kernels used by the
@@ -8,6 +9,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace ddetr_plugin {
 namespace cuda {
@@ -20,7 +23,28 @@ constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 // The widest channel pack the forward loads with one instruction.
 constexpr int64_t kMaxPackBytes = 16;
 
+struct ProblemSize {
+  int64_t batch_size;
+  int64_t num_keys;
+  int64_t num_queries;
+  int64_t num_heads;
+  int64_t head_dims;
+  int64_t num_levels;
+  int64_t num_points;
+};
+
+// Blocks for num_threads threads. CUDA rejects a grid of 0 blocks ("invalid
+// configuration argument"), so an empty launch is refused here, where the
+// CPU emulation of the kernels sees it too: the launcher must skip a launch
+// that has nothing to do.
 inline int64_t num_blocks_for(int64_t num_threads) {
+  if (num_threads <= 0) {
+    throw std::invalid_argument(
+        "ms_deform_attn (CUDA): a kernel launch for " +
+        std::to_string(num_threads) +
+        " threads (a grid of 0 blocks, which CUDA rejects); the launcher "
+        "must skip it");
+  }
   return std::min((num_threads + kThreadsPerBlock - 1) / kThreadsPerBlock,
                   kMaxBlocks);
 }
@@ -67,6 +91,60 @@ inline int backward_group_size(int64_t head_dims, int width) {
     group_size *= 2;
   }
   return group_size;
+}
+
+// Bits that hold every integer in [0, max_key] (at least 1): the low bits
+// a radix sort of such keys must order by; the higher ones are all zero.
+inline int key_bits_for(int64_t max_key) {
+  int bits = 1;
+  while (bits < 63 && (max_key >> bits) != 0) {
+    ++bits;
+  }
+  return bits;
+}
+
+// How the backward computes grad_value, decided on the host from the sizes
+// and torch.use_deterministic_algorithms; the launcher and the CPU emulation
+// both follow it, so the emulation runs the path the launcher would.
+struct ValueGradPlan {
+  // true: gathered in a fixed order (ms_deform_attn_deterministic.cuh) and
+  // written whole in the value's dtype; false: scattered with atomics by the
+  // backward kernel into a zeroed opmath_t buffer.
+  bool gather;
+  // Gather only; all 0 when grad_value is empty (no key, head, channel or
+  // batch), in which case nothing is launched, sorted or allocated.
+  // (query head, sample, corner) entries: threads of the corner-rows kernel.
+  int64_t num_entries;
+  // Value rows (batch, key, head); also the row key of corners outside the
+  // map, which sorts after every real row.
+  int64_t num_rows;
+  // grad_value elements: threads of the gather kernel.
+  int64_t num_items;
+  // Low bits of the row keys the sort orders by: the keys are at most
+  // num_rows, so key_bits_for(num_rows). At the R50 encoder size, batch 2,
+  // 19 bits (2 x 22223 x 8 rows): 3 passes of CUB's 8-bit radix sort
+  // instead of 8 over the whole 64-bit keys.
+  int sort_key_bits;
+};
+
+// Called only when the backward has samples and channels (the launcher
+// returns before otherwise).
+inline ValueGradPlan plan_value_grad(const ProblemSize& size,
+                                     bool deterministic) {
+  ValueGradPlan plan{deterministic, 0, 0, 0, 0};
+  if (!deterministic) {
+    return plan;
+  }
+  const int64_t num_rows = size.batch_size * size.num_keys * size.num_heads;
+  plan.num_items = num_rows * size.head_dims;
+  if (plan.num_items == 0) {
+    return plan;
+  }
+  plan.num_rows = num_rows;
+  plan.num_entries = size.batch_size * size.num_queries * size.num_heads *
+                     size.num_levels * size.num_points * 4;
+  plan.sort_key_bits = key_bits_for(num_rows);
+  return plan;
 }
 
 }  // namespace cuda
