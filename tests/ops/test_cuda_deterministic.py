@@ -173,12 +173,13 @@ def cuda_gradients(inputs, grad_output):
 
 @pytest.mark.parametrize(
     'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
-def test_cuda_gather_gives_the_cpu_runs_bits(emulator, random_inputs, dtype):
+def test_cuda_gather_gives_the_cpu_runs_bits(request, random_inputs, dtype):
     # The gather's roundings are all explicit (products and fused
     # multiply-adds), so the kernels run on the CPU give the GPU's bits,
     # and only the deterministic path does: the control below shows that
     # the atomic path's value gradient differs from them.
     skip_without_cuda_kernel()
+    emulator = request.getfixturevalue('emulator')  # built only if needed
     inputs, grad_output = contended_case(random_inputs, dtype, 32)
     emulated = emulator.backward(grad_output, *inputs, deterministic=True)[0]
     previous = torch.are_deterministic_algorithms_enabled()
