@@ -10,9 +10,10 @@ Two headers of mmcv's may be missing there:
 
 - ``THC/THCAtomics.cuh``: torch 2.11 ships it, later torch does not; a
   stand-in (``shim_missing/``) is used only when torch lacks it.
-- ``ATen/cuda/CUDAContext.h`` includes the cuSPARSE and cuBLAS headers;
-  when the toolkit lacks them, a stand-in (``shim_context/``) replaces
-  that header.
+- ``ATen/cuda/CUDAContext.h`` includes, through ``CUDAContextLight.h``,
+  the headers of cuSPARSE, cuBLAS, cuBLASLt and cuSOLVER
+  (``CONTEXT_HEADERS``); when the toolkit lacks any of them, a stand-in
+  (``shim_context/``) replaces that header.
 
 ``--compile-only`` runs nvcc without linking (any machine with nvcc, no
 GPU), the check the CPU mode of gpu_check.sh can do.
@@ -37,6 +38,9 @@ BINDING = osp.join(HERE, 'mmcv_msda_binding.cpp')
 MMCV_CSRC = osp.join('mmcv', 'mmcv', 'ops', 'csrc')
 KERNEL_SOURCE = osp.join(MMCV_CSRC, 'pytorch', 'cuda',
                          'ms_deform_attn_cuda.cu')
+# What torch's ATen/cuda/CUDAContextLight.h includes from the toolkit's
+# libraries (cudss.h only in builds with USE_CUDSS, which wheels are not).
+CONTEXT_HEADERS = ('cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -72,13 +76,14 @@ def include_dirs(payload: str) -> List[str]:
     from torch.utils import cpp_extension
     csrc = osp.join(payload, MMCV_CSRC)
     includes = [osp.join(csrc, 'common'), osp.join(csrc, 'common', 'cuda')]
-    sparse, blas = header_dirs('cusparse.h'), header_dirs('cublas_v2.h')
-    if sparse and blas:
-        includes += sorted(set(sparse + blas))
-    else:
-        print('build_mmcv_msda: no cuSPARSE/cuBLAS headers; using the '
-              'CUDAContext.h stand-in')
+    found = {header: header_dirs(header) for header in CONTEXT_HEADERS}
+    missing = [header for header, dirs in found.items() if not dirs]
+    if missing:
+        print(f'build_mmcv_msda: no {", ".join(missing)} in the toolkit; '
+              'using the CUDAContext.h stand-in')
         includes.insert(0, osp.join(HERE, 'shim_context'))
+    else:
+        includes += sorted({path for dirs in found.values() for path in dirs})
     torch_has_thc = any(
         osp.isfile(osp.join(path, 'THC', 'THCAtomics.cuh'))
         for path in cpp_extension.include_paths())

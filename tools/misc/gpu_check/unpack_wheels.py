@@ -16,9 +16,21 @@ import zipfile
 
 
 def unpack(wheels: str, target: str) -> None:
+    """Unpack every wheel of ``wheels`` into ``target``.
+
+    Raises:
+        SystemExit: ``wheels`` holds no wheel (the payload is missing), so
+            that the stage fails instead of passing with nothing unpacked.
+    """
+    found = sorted(glob.glob(osp.join(wheels, '*.whl')))
+    if not found:
+        raise SystemExit(
+            f'unpack_wheels: no wheel in {wheels}; run '
+            'tools/misc/gpu_check.sh prepare on a machine with network '
+            'access first, and carry .gpu_check_payload with the checkout')
     binaries = osp.join(target, 'bin')
     os.makedirs(binaries, exist_ok=True)
-    for wheel in sorted(glob.glob(osp.join(wheels, '*.whl'))):
+    for wheel in found:
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(target)
         print(f'unpack_wheels: {osp.basename(wheel)}')
