@@ -86,12 +86,37 @@ def test_the_device_check_catches_a_bad_table(random_inputs, cpu_as_device,
         ms_deform_attn(*inputs)
 
 
-def test_a_table_changed_in_place_is_checked_again(random_inputs,
-                                                   cpu_as_device):
+def change_in_place(starts):
+    starts[1:] = torch.tensor([16, 15])  # bumps the version counter
+
+
+def replace_memory(starts):
+    version = starts._version
+    starts.data = torch.tensor([0, 16, 15])
+    assert starts._version == version  # only the memory tells
+
+
+def write_unseen(starts):
+    version, pointer = starts._version, starts.data_ptr()
+    starts.data[1:] = torch.tensor([16, 15])
+    assert (starts._version, starts.data_ptr()) == (version, pointer)
+
+
+@pytest.mark.parametrize(
+    'change, error, message',
+    [(change_in_place, ValueError, 'level_start_index must be'),
+     (replace_memory, ValueError, 'level_start_index must be'),
+     (write_unseen, RuntimeError, 'do not tile the 20 keys')],
+    ids=['in-place', 'data-replaced', 'write-through-data'])
+def test_a_table_changed_after_its_check_is_checked_again(
+        random_inputs, cpu_as_device, change, error, message):
+    # Changes the version counter sees, or the data pointer, get the host
+    # check again; a write neither shows (through .data, DLPack) is caught
+    # by the device check that every later call runs.
     inputs = random_inputs()
     ms_deform_attn(*inputs)
-    inputs[2][1:] = torch.tensor([16, 15])
-    with pytest.raises(ValueError, match='level_start_index must be'):
+    change(inputs[2])
+    with pytest.raises(error, match=message):
         ms_deform_attn(*inputs)
 
 
@@ -148,27 +173,6 @@ def test_an_inference_table_is_checked_at_every_call(random_inputs,
         inputs[2][1:] = torch.tensor([16, 15])
         with pytest.raises(RuntimeError, match='do not tile the 20 keys'):
             ms_deform_attn(*inputs)
-
-
-def test_a_table_whose_memory_was_replaced_is_checked_again(
-        random_inputs, cpu_as_device):
-    inputs = random_inputs()
-    ms_deform_attn(*inputs)
-    # Keeps the version counter, swaps the memory.
-    inputs[2].data = torch.tensor([0, 16, 15])
-    with pytest.raises(ValueError, match='level_start_index must be'):
-        ms_deform_attn(*inputs)
-
-
-def test_a_write_the_version_counter_misses_is_caught(random_inputs,
-                                                      cpu_as_device):
-    inputs = random_inputs()
-    ms_deform_attn(*inputs)
-    version = inputs[2]._version
-    inputs[2].data[1:] = torch.tensor([16, 15])  # same memory and version
-    assert inputs[2]._version == version
-    with pytest.raises(RuntimeError, match='do not tile the 20 keys'):
-        ms_deform_attn(*inputs)
 
 
 @pytest.mark.parametrize(
