@@ -171,6 +171,18 @@ def cuda_gradients(inputs, grad_output):
     return [leaves[index].grad for index in (0, 3, 4)]
 
 
+def test_cuda_deterministic_backward_with_no_keys(random_inputs,
+                                                  deterministic_algorithms):
+    # The launch CUDA would refuse ("invalid configuration argument") is
+    # skipped: grad_value is empty, the other gradients zero.
+    skip_without_cuda_kernel()
+    inputs = random_inputs(level_shapes=((0, 3), (2, 0)), dtype=torch.float32)
+    grad_value, grad_locations, grad_weights = cuda_gradients(
+        inputs, torch.randn(2, 3, 8))
+    assert grad_value.shape == inputs[0].shape
+    assert not grad_locations.any() and not grad_weights.any()
+
+
 @pytest.mark.parametrize(
     'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
 def test_cuda_gather_gives_the_cpu_runs_bits(request, random_inputs, dtype):

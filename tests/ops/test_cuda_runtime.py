@@ -51,6 +51,23 @@ def forward_backward(inputs):
     return output
 
 
+def test_inference_mode_calls_neither_raise_nor_sync(cuda_inputs):
+    # Tensors made under torch.inference_mode() have no version counter
+    # (reading it raises): their tables are checked on the device at every
+    # call, never remembered, and the host never waits.
+    expected = ms_deform_attn(*cuda_inputs)
+    torch.cuda.synchronize()
+    with torch.inference_mode():
+        inputs = [tensor.clone() for tensor in cuda_inputs]
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            outputs = [ms_deform_attn(*inputs) for _ in range(2)]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for output in outputs:
+        torch.testing.assert_close(output, expected, atol=0, rtol=0)
+
+
 def test_no_sync_once_the_table_was_checked(cuda_inputs):
     forward_backward(leaves_of(cuda_inputs))  # checks the table once
     torch.cuda.synchronize()
