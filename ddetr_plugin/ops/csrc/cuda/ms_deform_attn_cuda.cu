@@ -2,6 +2,7 @@
 // output allocation, launch configuration and the CUDA registration of the
 // ddetr_plugin::ms_deform_attn_forward / _backward schemas, which are defined
 // in ../ms_deform_attn.cpp. The kernels are in ms_deform_attn_kernels.cuh.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -238,8 +239,11 @@ std::tuple<at::Tensor, at::Tensor> sort_rows(at::Tensor& rows, int key_bits,
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
       nullptr, storage_bytes, keys, values, num_entries, 0, key_bits,
       stream));
-  at::Tensor storage = at::empty({static_cast<int64_t>(storage_bytes)},
-                                 rows.options().dtype(at::kByte));
+  // At least one byte: a null storage pointer would make the second call
+  // another size query, which sorts nothing.
+  at::Tensor storage =
+      at::empty({std::max<int64_t>(static_cast<int64_t>(storage_bytes), 1)},
+                rows.options().dtype(at::kByte));
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
       storage.mutable_data_ptr(), storage_bytes, keys, values, num_entries, 0,
       key_bits, stream));
