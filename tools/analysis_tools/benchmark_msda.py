@@ -23,7 +23,10 @@ Baselines (``--baselines``; each runs in the plugin's dtype where it can):
     deformops-triton, deformops-eager: ``deformops.registry.msda`` with
         that backend (deformops 3.0.1, Python >= 3.12).
 A baseline that cannot run (not installed, no kernel for the dtype) is
-printed as missing, with the reason: nothing stands in for it.
+printed as missing, with the reason: nothing stands in for it. Where the
+plugin has no compiled kernel for the device its op runs the plain-PyTorch
+reference: its rows then say ``ddetr_plugin FALLBACK`` (``"fallback":
+true`` in the JSON rows).
 
 Peak memory:
     CPU: the pass is run once more under ``torch.profiler`` with
