@@ -1,12 +1,19 @@
-"""Fine-tuning through tools/train.py, as a user runs it.
+"""Training with a config inheriting mmdet's, through tools/train.py.
 
-An 80-class checkpoint (COCO's class count) given as ``load_from`` to a
-config of 3 classes trains: every weight but the head's classification
-layers (weights and biases) is loaded, those start from their initial
-values, and the log names them once, without MMEngine's mismatch message.
-The same checkpoint given to ``--resume`` is refused before any step: a
-resumed run must be the same model. Both layouts are covered, the plugin's
-and MMDetection 3.x's (converted in memory).
+The config is mmdet's tiny Deformable DETR config plus the plugin's two
+lines, on 3 toy classes: the route of a user of mmdet's configs.
+
+Fine-tuning: an 80-class checkpoint (COCO's class count) given as
+``load_from`` trains: every weight but the head's classification layers
+(weights and biases) is loaded, those start from their initial values, and
+the log names them once, without MMEngine's mismatch message. The same
+checkpoint given to ``--resume`` is refused before any step: a resumed run
+must be the same model. Both layouts are covered, the plugin's and
+MMDetection 3.x's (converted in memory).
+
+mmdet's ``default_hooks`` lack the plugin's ``DatasetCheckHook``; the
+plugin's detector still stops a model of another class count at the first
+step, instead of after an epoch in ``CocoMetric``.
 """
 import importlib.util
 import os.path as osp
@@ -18,6 +25,7 @@ from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.converters.in_memory import convert_for_model
+from ddetr_plugin.engine import DatasetModelMismatchError
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 COCO_CLASSES = 80
@@ -143,4 +151,18 @@ def test_resume_with_other_classes_is_refused_before_any_step(
          str(tmp_path / 'work'), '--resume', path] + ONE_ITERATION, capfd)
     assert isinstance(error, CheckpointMismatchError), output[-3000:]
     assert 'cls_branches' in str(error)
+    assert 'Epoch(' not in output
+
+
+def test_class_count_mismatch_stops_before_the_first_step(
+        setup, tmp_path, capfd):
+    config, num_classes, _ = setup
+    error, output = _train(
+        [config, '--work-dir', str(tmp_path / 'work')] + ONE_ITERATION +
+        [f'model.bbox_head.num_classes={COCO_CLASSES}'], capfd)
+    assert isinstance(error, DatasetModelMismatchError), output[-3000:]
+    message = str(error)
+    assert f'has {num_classes} classes' in message
+    assert f'model.bbox_head.num_classes={COCO_CLASSES}' in message
+    assert f'set model.bbox_head.num_classes={num_classes}' in message
     assert 'Epoch(' not in output
