@@ -21,6 +21,7 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.logging import MessageHub
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import CheckpointMismatchError
@@ -166,3 +167,5 @@ def test_class_count_mismatch_stops_before_the_first_step(
     assert f'model.bbox_head.num_classes={COCO_CLASSES}' in message
     assert f'set model.bbox_head.num_classes={num_classes}' in message
     assert 'Epoch(' not in output
+    # No training loop is left running for later models of the process.
+    assert MessageHub.get_current_instance().get_info('loop_stage') is None

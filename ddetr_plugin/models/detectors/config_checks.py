@@ -107,13 +107,21 @@ def check_training_classes(detector, args) -> None:
     if not detector.training:
         return
     from mmengine.logging import MessageHub
-    runtime_info = MessageHub.get_current_instance().runtime_info
+    message_hub = MessageHub.get_current_instance()
+    runtime_info = message_hub.runtime_info
     if runtime_info.get('loop_stage') != 'train':
         return
     classes = (runtime_info.get('dataset_meta') or {}).get('classes')
     num_classes = getattr(detector.bbox_head, 'num_classes', None)
     if classes is None or num_classes is None:
         return
-    from ...engine.dataset_check_hook import check_classes
-    check_classes('train', 'the running training loop\'s', classes,
-                  num_classes)
+    from ...engine.dataset_check_hook import (DatasetModelMismatchError,
+                                              check_classes)
+    try:
+        check_classes('train', 'the running training loop\'s', classes,
+                      num_classes)
+    except DatasetModelMismatchError:
+        # The run ends here, before RuntimeInfoHook.after_train clears the
+        # stage: later models of this process must not see it running.
+        message_hub.pop_info('loop_stage')
+        raise
