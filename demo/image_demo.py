@@ -1,15 +1,18 @@
 """Detect objects in images and draw the boxes.
 
     python demo/image_demo.py IMAGE CONFIG --weights CHECKPOINT
-        [--out-dir DIR] [--score-thr 0.3] [--device cpu]
+        [--out-dir DIR] [--score-thr 0.3] [--min-size 512] [--device cpu]
     python demo/image_demo.py IMAGE CONFIG --onnx MODEL.onnx
         [--out-dir DIR] [--score-thr 0.3] [--threads N]
 
 IMAGE is an image file or a folder of images. For each image, the
 detections scoring at least ``--score-thr`` are drawn by MMDetection's
 ``DetLocalVisualizer`` into ``DIR/<image name>`` (PNG, JPEG...: the input's
-format), and listed on standard output. A checkpoint whose weights do not
-fit the config's model is refused, naming the mismatched keys.
+format), and listed on standard output. Images whose longer side is under
+``--min-size`` pixels are drawn scaled up to it, as ``tools/test.py
+--show-dir`` draws them, so that the labels stay readable. A checkpoint
+whose weights do not fit the config's model is refused, naming the
+mismatched keys.
 
 With ``--onnx``, a model written by ``tools/deployment/export_onnx.py``
 runs in ONNX Runtime instead of PyTorch: the image goes through the same
@@ -38,6 +41,8 @@ from mmengine.config import DictAction
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.engine import checkpoint_check, launch
+from ddetr_plugin.engine.visualization_hook import (DEFAULT_MIN_SIZE,
+                                                    scale_for_drawing)
 from ddetr_plugin.registry import VISUALIZERS
 from ddetr_plugin.visualization import inference_pipeline
 
@@ -62,6 +67,13 @@ def parse_args(argv=None):
         type=float,
         default=0.3,
         help='draw detections scoring at least this')
+    parser.add_argument(
+        '--min-size',
+        type=int,
+        default=DEFAULT_MIN_SIZE,
+        help='draw images whose longer side is shorter scaled up to this '
+        'many pixels, so that labels stay readable (as tools/test.py '
+        '--show-dir does)')
     parser.add_argument(
         '--device',
         default='cuda:0' if torch.cuda.is_available() else 'cpu',
@@ -133,10 +145,14 @@ def main(argv=None) -> int:
             raise OSError(f'could not read image {path!r}')
         result = predictor(path)
         out_file = osp.join(args.out_dir, osp.basename(path))
+        # The listed boxes stay in the image's pixels; only the drawing is
+        # scaled.
+        drawn_image, drawn_result = scale_for_drawing(
+            mmcv.bgr2rgb(image), result, args.min_size)
         visualizer.add_datasample(
             osp.basename(path),
-            mmcv.bgr2rgb(image),
-            data_sample=result,
+            drawn_image,
+            data_sample=drawn_result,
             draw_gt=False,
             pred_score_thr=args.score_thr,
             out_file=out_file)

@@ -29,7 +29,8 @@ from mmengine.runner import Runner, find_latest_checkpoint
 
 # Importing the plugin registers its classes.
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import MmdetCheckpointHook, checkpoint_check, launch
+from ddetr_plugin.engine import (MmdetCheckpointHook, checkpoint_check, launch,
+                                 skip_class_layers_on_load)
 from ddetr_plugin.registry import RUNNERS
 
 
@@ -115,11 +116,15 @@ def main(argv=None) -> int:
         # sets are even read.
         # Fine-tuning (load_from) may change num_classes; a resumed run
         # must be the same model, optimizer state included.
-        checkpoint_check.check_checkpoint_matches(
+        class_layers = checkpoint_check.check_checkpoint_matches(
             runner.model,
             checkpoint,
             args.config,
             allow_class_change=not cfg.get('resume'))
+        if class_layers:
+            # Named in the check's warning; MMEngine would list them again
+            # as an error-like mismatch.
+            skip_class_layers_on_load(runner.model)
     # mmdet checkpoints: weights and optimizer state converted in memory.
     runner.register_hook(MmdetCheckpointHook())
     runner.train()

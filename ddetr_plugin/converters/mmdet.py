@@ -129,14 +129,30 @@ def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
         return (f' Set model.num_queries={received[0]} as in the '
                 'checkpoint.')
     if key.endswith('level_embed'):
-        return (f' Set model.num_feature_levels={received[0]} as in the '
+        # (num_feature_levels, embed_dims): say which of the two differs.
+        if received[0] != expected[0]:
+            return (f' Set model.num_feature_levels={received[0]} as in the '
+                    'checkpoint.')
+        return (f' The checkpoint\'s features are {received[1]} channels '
+                f'wide and the model\'s {expected[1]}: set the embed_dims of '
+                f'the transformer, neck and head to {received[1]} as in the '
                 'checkpoint.')
     return ''
 
 
+# How many problems a mismatch error lists before it only counts them.
+MAX_LISTED = 10
+
 # The head's classification layers: their first axis is the number of
 # classes, the one thing a fine-tuning run changes on purpose.
 CLASS_LAYER_KEY = re.compile(r'^bbox_head\.cls_branches\.\d+\.(weight|bias)$')
+
+
+def _first_keys(keys: List[str]) -> str:
+    """The first MAX_LISTED keys, and how many more there are."""
+    more = len(keys) - MAX_LISTED
+    return ', '.join(
+        keys[:MAX_LISTED]) + (f', ... ({more} more)' if more > 0 else '')
 
 
 def check_state_dict(model: nn.Module,
@@ -171,11 +187,12 @@ def check_state_dict(model: nn.Module,
         ]
     problems = []
     if missing:
-        problems.append(f'missing keys (in the model, not in the checkpoint): '
-                        f'{missing}')
+        problems.append(f'{len(missing)} missing keys (in the model, not in '
+                        f'the checkpoint): {_first_keys(missing)}')
     if unexpected:
-        problems.append('unexpected keys (in the checkpoint, not in the '
-                        f'model): {unexpected}')
+        problems.append(f'{len(unexpected)} unexpected keys (in the '
+                        'checkpoint, not in the model): '
+                        f'{_first_keys(unexpected)}')
     for key in sorted(set(expected) & set(state_dict)):
         want, got = expected[key].shape, state_dict[key].shape
         if want != got:
@@ -183,10 +200,13 @@ def check_state_dict(model: nn.Module,
                             f'the checkpoint has {tuple(got)}.' +
                             _shape_hint(key, want, got))
     if problems:
+        listed = problems[:MAX_LISTED]
+        if len(problems) > MAX_LISTED:
+            listed.append(f'... and {len(problems) - MAX_LISTED} more')
         raise CheckpointMismatchError(
             'The checkpoint does not fit the model (check that both use the '
-            'same variant flags, num_classes, num_queries and '
-            'num_feature_levels):\n  ' + '\n  '.join(problems))
+            'same variant flags, num_classes, num_queries, '
+            'num_feature_levels and embed_dims):\n  ' + '\n  '.join(listed))
     return []
 
 

@@ -47,13 +47,15 @@ an mmdet model whose neck sets ``bias=True``. The plugin's neck has them.
 """
 import argparse
 import os.path as osp
-import pickle
 import re
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from ..utils.checkpoint import (UntrustedCheckpointError,
+                                check_checkpoint_format, load_checkpoint_file)
 
 VARIANTS = ('plain', 'refine', 'two-stage')
 
@@ -123,21 +125,29 @@ def load_official_checkpoint(path: str, trusted: bool = False) -> dict:
 
     Returns:
         dict: The checkpoint.
+
+    Raises:
+        NotACheckpointError: The file is not a ``torch.save`` file or is
+            damaged (truncated download).
+        OfficialCheckpointError: It holds other objects and is not trusted.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(f'official checkpoint {path!r} does not '
                                 'exist')
     if trusted:
+        # A damaged file gets the same NotACheckpointError as elsewhere.
+        check_checkpoint_format(path)
         return torch.load(path, map_location='cpu', weights_only=False)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
+            return load_checkpoint_file(path, map_location='cpu')
+    except UntrustedCheckpointError as error:
         raise OfficialCheckpointError(
             f'{path!r} holds objects other than tensors, plain containers '
             'and argparse.Namespace, so it was not unpickled (PyTorch said: '
-            f'{str(error).splitlines()[0]}). If you trust the file, pass '
-            '--trust-pickle (or trusted=True) to load it in full.') from error
+            f'{str(error.__cause__ or error).splitlines()[0]}). If you trust '
+            'the file, pass --trust-pickle (or trusted=True) to load it in '
+            'full.') from error
 
 
 def official_state_dict(checkpoint: Mapping) -> Mapping[str, Tensor]:

@@ -29,17 +29,20 @@ otherwise:
 import math
 import os.path as osp
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mmdet.datasets import CocoDataset
 from mmdet.datasets.api_wrappers import COCO
 from mmengine.fileio import get_local_path
+from PIL import Image
 
 from ..registry import DATASETS
 
 # A box may stick out of its image by this many pixels before it is skipped:
 # COCO's own annotations exceed the border by rounding errors.
 BORDER_TOLERANCE = 1.0
+# The EXIF tag of an image's orientation.
+EXIF_ORIENTATION = 0x0112
 # How many skipped boxes a warning lists before it only counts them.
 MAX_LISTED = 5
 
@@ -68,19 +71,32 @@ def _is_remote(path: Optional[str]) -> bool:
     return bool(path) and '://' in str(path)
 
 
-def _box_problem(bbox: Sequence[float], width: float,
-                 height: float) -> Optional[str]:
-    """Why a well-formed [x, y, w, h] box cannot be used, or None."""
-    x, y, box_width, box_height = bbox
+def _size_problem(bbox: Sequence[float]) -> Optional[str]:
+    """Why a well-formed [x, y, w, h] box is too small to use, or None."""
+    _, _, box_width, box_height = bbox
     if box_width < 1 or box_height < 1:
         return (f'size {box_width} x {box_height} is below one pixel'
                 if box_width > 0 and box_height > 0 else
                 f'non-positive size {box_width} x {box_height}')
+    return None
+
+
+def _outside_problem(bbox: Sequence[float], width: float,
+                     height: float) -> Optional[str]:
+    """Why a well-formed [x, y, w, h] box does not fit a width x height
+    image, or None."""
+    x, y, box_width, box_height = bbox
     if (x < -BORDER_TOLERANCE or y < -BORDER_TOLERANCE
             or x + box_width > width + BORDER_TOLERANCE
             or y + box_height > height + BORDER_TOLERANCE):
         return f'it lies outside the {width} x {height} image'
     return None
+
+
+def _box_problem(bbox: Sequence[float], width: float,
+                 height: float) -> Optional[str]:
+    """Why a well-formed [x, y, w, h] box cannot be used, or None."""
+    return _size_problem(bbox) or _outside_problem(bbox, width, height)
 
 
 @DATASETS.register_module()
@@ -115,6 +131,15 @@ class CheckedCocoDataset(CocoDataset):
                 f'image folder {image_folder!r} (data_prefix.img) of '
                 f'{type(self).__name__} is not a folder (resolved to '
                 f'{osp.abspath(image_folder)!r})')
+
+    def _warn(self, message: str, category: type) -> None:
+        """Warn with the annotation file as the warning's location.
+
+        Python would otherwise show the line of mmdet's data set code that
+        called the plugin; line 0 keeps it from printing the file's first
+        line (often the whole JSON).
+        """
+        warnings.warn_explicit(message, category, str(self.ann_file), 0)
 
     def _read_annotation_file(self) -> COCO:
         with get_local_path(
@@ -163,7 +188,7 @@ class CheckedCocoDataset(CocoDataset):
                 f'annotation id {annotation.get("id")} in {self.ann_file!r} '
                 f'has bbox {bbox!r}; expected four finite numbers [x, y, '
                 'width, height]')
-        problem = _box_problem(bbox, image['width'], image['height'])
+        problem = _size_problem(bbox) or self._outside_real_image(bbox, image)
         if problem is None and annotation.get('area', 1) <= 0:
             problem = f'area {annotation["area"]} is not positive'
         if problem is not None:
@@ -171,6 +196,65 @@ class CheckedCocoDataset(CocoDataset):
                            f'(image {image["file_name"]!r}, bbox {bbox}): '
                            f'{problem}')
         return problem is None
+
+    def _outside_real_image(self, bbox: Sequence[float],
+                            image: Dict) -> Optional[str]:
+        """Why a box lies outside its image, or None.
+
+        The recorded size decides for the boxes inside it. A box outside it
+        is checked against the real image, whose size is read from the
+        file's header: an image recorded smaller than it is keeps its valid
+        boxes, and the warning names the size the box was checked against.
+        """
+        recorded = (image['width'], image['height'])
+        problem = _outside_problem(bbox, *recorded)
+        if problem is None:
+            return None
+        if image['img_id'] not in self._real_sizes:
+            self._real_sizes[image['img_id']] = self._real_image_size(image)
+        real = self._real_sizes[image['img_id']]
+        if real is None or tuple(real) == recorded:
+            return problem
+        return _outside_problem(bbox, *real)
+
+    def _real_image_size(self, image: Dict) -> Optional[Tuple[int, int]]:
+        """(width, height) of an image as the pipeline will load it, read
+        from the file's header; None when the file cannot be read here
+        (remote storage, missing or damaged file: the pipeline names it)."""
+        path = osp.join(self.data_prefix.get('img', ''), image['file_name'])
+        if self.backend_args or _is_remote(path) or not osp.isfile(path):
+            return None
+        try:
+            with Image.open(path) as picture:
+                width, height = picture.size
+                # The loaders turn images by their EXIF orientation;
+                # orientations 5 to 8 swap width and height.
+                if picture.getexif().get(EXIF_ORIENTATION, 1) >= 5:
+                    width, height = height, width
+        except (OSError, ValueError):
+            return None
+        return width, height
+
+    def _parse(self, image: Dict, annotations: List[Dict]) -> dict:
+        """``CocoDataset.parse_data_info`` of an image and its usable
+        annotations.
+
+        mmdet drops a box that does not meet the recorded image; for an
+        image recorded smaller than it is, it is given the real size, then
+        the recorded one is put back so that the pipeline's size check
+        still warns about the record.
+        """
+        real = self._real_sizes.get(image['img_id'])
+        recorded = (image['width'], image['height'])
+        if real is None or tuple(real) == recorded:
+            return self.parse_data_info(
+                dict(raw_img_info=image, raw_ann_info=annotations))
+        data_info = self.parse_data_info(
+            dict(
+                raw_img_info=dict(image, width=real[0], height=real[1]),
+                raw_ann_info=annotations))
+        data_info['width'], data_info['height'] = recorded
+        return data_info
 
     def load_data_list(self) -> List[dict]:
         """Read and check the annotation file, then parse every image the
@@ -189,13 +273,12 @@ class CheckedCocoDataset(CocoDataset):
         ]
         configured = list(self.metainfo['classes'])
         if names != configured:
-            warnings.warn(
+            self._warn(
                 f'the classes of the configuration are ordered {configured} '
                 f'but {self.ann_file!r} orders them {names}; labels follow '
                 'the file, as in MMDetection, so class names shown by the '
                 'visualizer will be wrong unless the orders agree',
-                UserWarning,
-                stacklevel=2)
+                UserWarning)
         self.cat2label = {
             category_id: label
             for label, category_id in enumerate(self.cat_ids)
@@ -211,6 +294,9 @@ class CheckedCocoDataset(CocoDataset):
 
         skipped: List[str] = []
         data_list = []
+        # Real sizes read from image files, by image id (see
+        # _outside_real_image).
+        self._real_sizes: Dict[int, Optional[Tuple[int, int]]] = {}
         for image_id in coco.get_img_ids():
             image = dict(coco.load_imgs([image_id])[0], img_id=image_id)
             annotations = [
@@ -218,18 +304,16 @@ class CheckedCocoDataset(CocoDataset):
                     coco.get_ann_ids(img_ids=[image_id]))
                 if self._usable(annotation, image, skipped)
             ]
-            data_list.append(
-                self.parse_data_info(
-                    dict(raw_img_info=image, raw_ann_info=annotations)))
+            data_list.append(self._parse(image, annotations))
+        del self._real_sizes
         if skipped:
             listed = '; '.join(skipped[:MAX_LISTED])
             more = len(skipped) - MAX_LISTED
-            warnings.warn(
+            self._warn(
                 f'{self.ann_file!r}: skipped {len(skipped)} annotation(s) '
                 f'whose box cannot be used: {listed}' +
                 (f'; and {more} more' if more > 0 else ''),
-                InvalidAnnotationWarning,
-                stacklevel=2)
+                InvalidAnnotationWarning)
         self._check_not_empty(coco, data_list)
         return data_list
 
@@ -258,13 +342,12 @@ class CheckedCocoDataset(CocoDataset):
                        'usable box of the configured classes '
                        f'{list(self.metainfo["classes"])}')
         if self.test_mode:
-            warnings.warn(
+            self._warn(
                 f'{self.ann_file!r} {problem}: its {len(data_list)} images '
                 'can be run for predictions, but there is nothing to '
                 'evaluate (use the evaluator\'s format_only=True with an '
                 'outfile_prefix to keep the predictions)',
-                MissingAnnotationWarning,
-                stacklevel=2)
+                MissingAnnotationWarning)
             return
         raise AnnotationError(
             f'{self.ann_file!r} {problem}, so training on it would learn '
@@ -327,7 +410,7 @@ class CheckedCocoDataset(CocoDataset):
         if self._size_warnings == MAX_LISTED:
             message += ('; further images of this process whose size '
                         'differs are not reported')
-        warnings.warn(message, ImageSizeWarning, stacklevel=2)
+        self._warn(message, ImageSizeWarning)
 
     def _run_pipeline(self, data_info: dict) -> Optional[dict]:
         """The pipeline's transforms in order, with the size check right

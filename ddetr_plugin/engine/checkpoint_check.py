@@ -117,7 +117,7 @@ def _warn_class_change(filename: str, class_layers: List[str]) -> None:
 def check_checkpoint_matches(model: torch.nn.Module,
                              filename: str,
                              config: Optional[str] = None,
-                             allow_class_change: bool = False) -> None:
+                             allow_class_change: bool = False) -> List[str]:
     """Raise unless ``filename`` holds exactly the weights of ``model``.
 
     Args:
@@ -131,6 +131,10 @@ def check_checkpoint_matches(model: torch.nn.Module,
             ``num_classes`` through ``load_from``), with a warning: MMEngine
             then leaves those layers at their initial values. Defaults to
             False.
+
+    Returns:
+        list[str]: The classification layers accepted with another shape
+        (``'key: ...'`` strings); empty when the weights fit exactly.
 
     Raises:
         CheckpointMismatchError: Naming the converter to run for weights in
@@ -151,11 +155,11 @@ def check_checkpoint_matches(model: torch.nn.Module,
                 f'model {type(model).__name__} of the config: {error}'
             ) from None
         _warn_class_change(filename, class_layers)
-        return
+        return class_layers
     differences = compare_state_dicts(model.state_dict(), state)
     if allow_class_change and _class_layers_only(differences):
         _warn_class_change(filename, differences['mismatched'])
-        return
+        return differences['mismatched']
     if any(differences.values()):
         _raise_if_foreign(state, filename, config)
         raise CheckpointMismatchError(
@@ -167,3 +171,4 @@ def check_checkpoint_matches(model: torch.nn.Module,
             _listing('unexpected keys (in the checkpoint, not in the model)',
                      differences['unexpected']) +
             _listing('keys of a different shape', differences['mismatched']))
+    return []

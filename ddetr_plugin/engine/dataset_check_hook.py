@@ -49,6 +49,32 @@ def _evaluates(evaluator) -> bool:
     return any(not getattr(metric, 'format_only', False) for metric in metrics)
 
 
+def check_classes(split: str, description: str, classes: Sequence[str],
+                  num_classes: int) -> None:
+    """Raise unless a split's data set has the model's number of classes.
+
+    Args:
+        split (str): ``'train'``, ``'val'`` or ``'test'``.
+        description (str): What the data set is, for the message (its type
+            and annotation file).
+        classes (Sequence[str]): The data set's ``metainfo['classes']``.
+        num_classes (int): The model's ``bbox_head.num_classes``.
+
+    Raises:
+        DatasetModelMismatchError: Naming both numbers and the keys to set.
+    """
+    if len(classes) == num_classes:
+        return
+    raise DatasetModelMismatchError(
+        f'{split}_dataloader.dataset ({description}) has '
+        f'{len(classes)} classes {list(classes)} but the model has '
+        f'model.bbox_head.num_classes={num_classes}; set '
+        f'model.bbox_head.num_classes={len(classes)} in the config (or '
+        f'list the model\'s {num_classes} classes in '
+        f'{split}_dataloader.dataset.metainfo.classes), so that the '
+        'data set and the model agree before training or evaluating')
+
+
 @HOOKS.register_module()
 class DatasetCheckHook(Hook):
     """Compare the data sets of the built loops with the model at start-up.
@@ -107,16 +133,8 @@ class DatasetCheckHook(Hook):
     @staticmethod
     def _check_classes(split: str, dataset, num_classes: int) -> None:
         classes = (getattr(dataset, 'metainfo', None) or {}).get('classes')
-        if classes is None or len(classes) == num_classes:
-            return
-        raise DatasetModelMismatchError(
-            f'{split}_dataloader.dataset ({_describe(dataset)}) has '
-            f'{len(classes)} classes {list(classes)} but the model has '
-            f'model.bbox_head.num_classes={num_classes}; set '
-            f'model.bbox_head.num_classes={len(classes)} in the config (or '
-            f'list the model\'s {num_classes} classes in '
-            f'{split}_dataloader.dataset.metainfo.classes), so that the '
-            'data set and the model agree before training or evaluating')
+        if classes is not None:
+            check_classes(split, _describe(dataset), classes, num_classes)
 
     @staticmethod
     def _check_annotations(split: str, dataset, evaluator) -> None:

@@ -20,6 +20,10 @@ from mmengine.utils import mkdir_or_exist
 
 from ..registry import HOOKS
 
+# Longer side, in pixels, below which an image is scaled up for drawing: at
+# this size mmdet's label texts and line widths are a small part of it.
+DEFAULT_MIN_SIZE = 512
+
 
 def scale_for_drawing(image: np.ndarray, data_sample: DetDataSample,
                       min_size: int):
@@ -79,7 +83,7 @@ class ScaledDetVisualizationHook(DetVisualizationHook):
     """
 
     def __init__(self,
-                 min_size: int = 512,
+                 min_size: int = DEFAULT_MIN_SIZE,
                  draw_gt: bool = False,
                  **kwargs) -> None:
         if (isinstance(min_size, bool) or not isinstance(min_size, int)

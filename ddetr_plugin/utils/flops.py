@@ -66,8 +66,17 @@ def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 def register_flop_counter() -> None:
-    """Add the op's formula to the handles every new ``FlopAnalyzer`` (and
-    so ``get_model_complexity_info``) starts from. Safe to call again."""
+    """Add the op's formulas to the handles every new ``FlopAnalyzer`` and
+    ``ActivationAnalyzer`` (and so ``get_model_complexity_info``) starts
+    from. Safe to call again.
+
+    The activation count is MMEngine's rule for every op: the elements of
+    the output, (bs, num_queries, num_heads * head_dims); without a handle
+    the activation counter warns that the op is unsupported.
+    """
     from mmengine.analysis import complexity_analysis
+    from mmengine.analysis.jit_handles import generic_activation_jit
     complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS[OP_NAME] = (
         ms_deform_attn_flop_jit)
+    complexity_analysis._DEFAULT_SUPPORTED_ACT_OPS[OP_NAME] = (
+        generic_activation_jit())

@@ -29,6 +29,8 @@ DRAWN_SIZE = 768
 DPI = 100
 WEIGHT_COLOURS = 'plasma'
 DETECTION_COLOURS = plt.get_cmap('tab10').colors
+# Screen pixels between box labels (their coloured margins included).
+LABEL_GAP = 4.0
 
 
 def _canvas(image: np.ndarray, title: str):
@@ -153,16 +155,52 @@ def _draw_box(axes, box: np.ndarray, colour, text: Optional[str]) -> None:
                   edgecolor=colour,
                   zorder=2))
     if text:
-        axes.text(
-            x1,
-            y1,
-            text,
+        place_box_labels(axes, [(box, text, colour)])
+
+
+def place_box_labels(axes, labels: Sequence[Tuple[np.ndarray, str, object]]):
+    """Write each box's label at its top-left corner, none over another.
+
+    A label sits just above its box, or just inside it when the box
+    touches the top of the image; a label that would cover one written
+    before moves down, a line at a time, until it is free (overlapping
+    detections would otherwise show only the last label).
+
+    Args:
+        axes (Axes): Axes showing the image in its pixel coordinates.
+        labels (Sequence[tuple]): (box (4,) x1, y1, x2, y2 in image
+            pixels, text, colour) of each label, in drawing order.
+
+    Returns:
+        list[Annotation]: The labels' text artists, in the same order.
+    """
+    renderer = axes.figure.canvas.get_renderer()
+    top_of_axes = axes.get_window_extent(renderer).y1
+    written, artists = [], []
+    for box, text, colour in labels:
+        artist = axes.annotate(
+            text, (box[0], box[1]),
+            xytext=(0, 0),
+            textcoords='offset pixels',
             fontsize=9,
             color='white',
             va='bottom',
             bbox=dict(facecolor=colour, alpha=0.8, pad=1.5, linewidth=0),
             zorder=6,
-            clip_on=True)
+            annotation_clip=False)
+        extent = artist.get_window_extent(renderer)
+        # One line: the text's height and its coloured margin.
+        step = extent.height + LABEL_GAP
+        shift = -step if extent.y1 > top_of_axes else 0.0
+        artist.xyann = (0, shift)
+        extent = artist.get_window_extent(renderer).padded(LABEL_GAP / 2)
+        while any(extent.overlaps(other) for other in written):
+            shift -= step
+            artist.xyann = (0, shift)
+            extent = artist.get_window_extent(renderer).padded(LABEL_GAP / 2)
+        written.append(extent)
+        artists.append(artist)
+    return artists
 
 
 def _legend(axes,
@@ -295,7 +333,7 @@ def draw_overview(image: np.ndarray, detections: List[Detection],
         image, f'{len(detections)} detections: sampling points of decoder '
         f'layer {layer}\n(marker size by attention weight)')
     largest = max([float(query.weights.max()) for query in queries] + [0.0])
-    num_outside, entries = 0, []
+    num_outside, entries, labels = 0, [], []
     for index, (detection, query) in enumerate(zip(detections, queries)):
         colour = DETECTION_COLOURS[index % len(DETECTION_COLOURS)]
         _, outside = _draw_points(axes, query, image.shape[:2], colour,
@@ -303,13 +341,16 @@ def draw_overview(image: np.ndarray, detections: List[Detection],
         num_outside += outside
         _draw_reference(axes, query.reference.numpy(), colour)
         name = class_names[detection.label]
-        _draw_box(axes, detection.box.numpy(), colour,
-                  f'{index}: {name} {detection.score:.2f}')
+        _draw_box(axes, detection.box.numpy(), colour, None)
+        labels.append((detection.box.numpy(),
+                       f'{index}: {name} {detection.score:.2f}', colour))
         entries.append(
             Line2D([], [],
                    color=colour,
                    linewidth=3,
                    label=f'{index}: {name}, query {detection.query}'))
+    # Together, so that overlapping detections' labels avoid each other.
+    place_box_labels(axes, labels)
     spatial_shapes = queries[0].spatial_shapes.numpy() if queries else \
         np.zeros((0, 2), dtype=np.int64)
     reference_is_box = bool(queries) and queries[0].reference.numel() == 4

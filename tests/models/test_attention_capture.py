@@ -9,6 +9,7 @@ at the pixels their feature-map offsets predict.
 import math
 import os.path as osp
 
+import numpy as np
 import pytest
 import torch
 from mmdet.structures import DetDataSample
@@ -22,6 +23,7 @@ from ddetr_plugin.registry import MODELS
 from ddetr_plugin.visualization import (AttentionCapture, Probe,
                                         detection_queries, encoder_query_index,
                                         query_points, select_detections)
+from ddetr_plugin.visualization.drawing import draw_encoder_query
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
@@ -52,17 +54,21 @@ def build(variant):
         return MODELS.build(model).eval()
 
 
-def padded_batch(model):
+def padded_batch(model, sizes=SIZES, scale_factor=(SCALE, SCALE)):
+    """Random images of ``sizes`` (h, w), each the original image resized
+    by ``scale_factor`` (w_scale, h_scale), padded into one batch."""
+    scale_x, scale_y = scale_factor
     inputs, samples = [], []
     torch.manual_seed(1)
-    for height, width in SIZES:
+    for height, width in sizes:
         inputs.append(torch.randint(0, 256, (3, height, width)).byte())
         samples.append(
             DetDataSample(
                 metainfo=dict(
                     img_shape=(height, width),
-                    ori_shape=(int(height / SCALE), int(width / SCALE)),
-                    scale_factor=(SCALE, SCALE))))
+                    ori_shape=(round(height / scale_y),
+                               round(width / scale_x)),
+                    scale_factor=(scale_x, scale_y))))
     return model.data_preprocessor(
         dict(inputs=inputs, data_samples=samples), False)
 
@@ -189,11 +195,11 @@ def known_offsets(attention):
     return offsets.contiguous()
 
 
-def test_point_references_land_at_stride_multiples():
-    # Plain variant: the reference is a point, the offsets are in pixels of
-    # each level's map, one of which is STRIDES[level] input pixels.
+def plain_model_with_known_points(reference):
+    """The plain variant whose every query has ``reference`` (2,) (x, y)
+    relative to the unpadded image, and the last decoder layer's attention
+    with :func:`known_offsets`; returns (model, attention, offsets)."""
     model = build('plain')
-    reference = torch.tensor([0.25, 0.625])
     with torch.no_grad():
         model.transformer.reference_points_fc.weight.zero_()
         model.transformer.reference_points_fc.bias.copy_(
@@ -201,6 +207,14 @@ def test_point_references_land_at_stride_multiples():
     attention = model.transformer.decoder.layers[-1].cross_attn
     offsets = known_offsets(attention)
     set_offsets(attention, offsets)
+    return model, attention, offsets
+
+
+def test_point_references_land_at_stride_multiples():
+    # Plain variant: the reference is a point, the offsets are in pixels of
+    # each level's map, one of which is STRIDES[level] input pixels.
+    reference = torch.tensor([0.25, 0.625])
+    model, attention, offsets = plain_model_with_known_points(reference)
     data = padded_batch(model)
     ratios = valid_ratios_of(model, data)
     # The first image is padded: its valid height is 2/3 of the batch's.
@@ -225,6 +239,47 @@ def test_point_references_land_at_stride_multiples():
             assert torch.allclose(
                 points.weights.sum((1, 2)),
                 torch.ones(attention.num_heads, dtype=torch.float64))
+
+
+def test_anisotropic_resize_maps_points_to_original_pixels(tmp_path):
+    # Non-square originals resized without keeping the ratio: x by 1/2, y
+    # by 1/4 (keep_ratio=False). The first image is padded in both
+    # directions.
+    scale_x, scale_y = 0.5, 0.25
+    sizes = [(128, 192), (192, 256)]
+    reference = torch.tensor([0.25, 0.625])
+    model, attention, offsets = plain_model_with_known_points(reference)
+    data = padded_batch(model, sizes, (scale_x, scale_y))
+    ratios = valid_ratios_of(model, data)
+    with AttentionCapture(dict(last=attention)) as capture, torch.no_grad():
+        results = model.test_step(data)
+    record = capture.records['last'][0]
+    # Original pixels per input pixel, (x, y); one map pixel of a level is
+    # STRIDES[level] input pixels.
+    per_input_pixel = torch.tensor([1 / scale_x, 1 / scale_y],
+                                   dtype=torch.float64)
+    strides = torch.tensor(STRIDES, dtype=torch.float64)
+    for index, (height, width) in enumerate(sizes):
+        original_height, original_width = height / scale_y, width / scale_x
+        expected_reference = reference.double() * torch.tensor(
+            [original_width, original_height], dtype=torch.float64)
+        expected = expected_reference + offsets.double() * \
+            strides[None, :, None, None] * per_input_pixel
+        points = query_points(record, index, 3, ratios[index],
+                              results[index].metainfo)
+        torch.testing.assert_close(
+            points.reference, expected_reference, atol=1e-3, rtol=0)
+        torch.testing.assert_close(points.points, expected, atol=1e-3, rtol=0)
+        # The count the pictures report, against the expected points.
+        x, y = expected[..., 0], expected[..., 1]
+        expected_outside = int(((x < 0) | (x > original_width) | (y < 0)
+                                | (y > original_height)).sum())
+        assert 0 < expected_outside < x.numel()
+        image = np.zeros((int(original_height), int(original_width), 3),
+                         np.uint8)
+        drawn_outside = draw_encoder_query(image, points, (0, 0), 0, 0,
+                                           str(tmp_path / f'{index}.png'))
+        assert drawn_outside == expected_outside
 
 
 @pytest.mark.parametrize('variant', ['refine', 'two-stage'])

@@ -7,6 +7,7 @@ the toy config and changes only sizes, so the tools, hooks, data set and
 model code paths are those of ``make demo``.
 """
 import importlib.util
+import json
 import os
 import os.path as osp
 import socket
@@ -72,6 +73,99 @@ custom_hooks = [
 ]
 log_processor = dict(window_size=1)
 '''
+
+# mmdet's refinement config, shrunk to toy size, in mmdet's scope.
+MMDET_TINY = '''
+_base_ = {base!r}
+# Only so that mmdet's tools can read MMEngine checkpoints on torch >= 2.6
+# (weights-only loading); without _scope_ the model stays mmdet's.
+custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
+data_root = {data_root!r}
+classes = {classes!r}
+layer = dict(embed_dims=32, num_heads=2, dropout=0.0)
+ffn = dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0)
+model = dict(
+    num_queries=10,
+    data_preprocessor=dict(mean=[127.5] * 3, std=[64.0] * 3),
+    backbone=dict(depth=18, base_channels=8, frozen_stages=-1,
+                  norm_cfg=dict(requires_grad=True), norm_eval=False,
+                  init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64], out_channels=32,
+              norm_cfg=dict(num_groups=8)),
+    encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
+                                              ffn_cfg=ffn)),
+    decoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
+                                              cross_attn_cfg=layer,
+                                              ffn_cfg=ffn)),
+    positional_encoding=dict(num_feats=16),
+    bbox_head=dict(num_classes=len(classes), embed_dims=32))
+pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
+                                          'img_shape', 'scale_factor'))
+]
+split = dict(data_root=data_root, metainfo=dict(classes=classes),
+             pipeline=pipeline)
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    batch_sampler=None,
+    dataset=dict(split, ann_file='annotations/instances_train.json',
+                 data_prefix=dict(img='train/'),
+                 filter_cfg=dict(filter_empty_gt=False)))
+val_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(split, ann_file='annotations/instances_val.json',
+                 data_prefix=dict(img='val/')))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
+train_cfg = dict(max_epochs={max_epochs}, val_interval=10)
+param_scheduler = []
+default_hooks = dict(logger=dict(interval=1))
+randomness = dict(seed=0)
+'''
+# Box refinement: mmdet's two-stage variant only fits 256 channels.
+MMDET_BASE = ('mmdet::deformable_detr/'
+              'deformable-detr-refine_r50_16xb2-50e_coco.py')
+# mmdet's config plus the plugin's two lines.
+PLUGIN_CONFIG = """_base_ = {base!r}
+custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
+model = dict(_scope_='ddetr_plugin')
+"""
+
+
+def toy_classes(toy_data: str) -> tuple:
+    """The toy data set's class names, in the file's order."""
+    with open(osp.join(toy_data, 'annotations', 'instances_val.json')) as f:
+        return tuple(category['name']
+                     for category in json.load(f)['categories'])
+
+
+def write_mmdet_tiny_config(folder: str,
+                            toy_data: str,
+                            name: str,
+                            max_epochs: int = 1,
+                            plugin: bool = False,
+                            classes: Optional[Sequence[str]] = None) -> str:
+    """mmdet's tiny config (of ``classes``, all toy classes by default);
+    with ``plugin``, a config inheriting it and adding only the plugin's two
+    lines."""
+    path = osp.join(folder, name)
+    mmdet_path = path[:-3] + '_mmdet.py' if plugin else path
+    with open(mmdet_path, 'w') as file:
+        file.write(
+            MMDET_TINY.format(
+                base=MMDET_BASE,
+                data_root=toy_data.rstrip('/') + '/',
+                classes=tuple(classes or toy_classes(toy_data)),
+                max_epochs=max_epochs))
+    if plugin:
+        with open(path, 'w') as file:
+            file.write(PLUGIN_CONFIG.format(base=mmdet_path))
+    return path
 
 
 def _load_generator():
@@ -158,6 +252,8 @@ def helpers() -> SimpleNamespace:
     return SimpleNamespace(
         repo=REPO,
         write_tiny_config=write_tiny_config,
+        write_mmdet_tiny_config=write_mmdet_tiny_config,
+        toy_classes=toy_classes,
         run_tool=run_tool,
         tool_environment=tool_environment,
         free_port=free_port)

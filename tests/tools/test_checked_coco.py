@@ -328,3 +328,46 @@ def test_image_of_the_recorded_size_gives_no_size_warning(coco_files):
     with warnings.catch_warnings():
         warnings.simplefilter('error', ImageSizeWarning)
         assert dataset[0]['img'].shape == (40, 60, 3)
+
+
+def test_image_recorded_smaller_keeps_its_boxes_inside_the_real_image(
+        coco_files):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    # A non-square 128 x 96 image recorded as 64 x 48: annotation 1 lies
+    # inside the real image only, annotation 2 outside both.
+    Image.fromarray(np.zeros((96, 128, 3),
+                             np.uint8)).save(root / 'images' / 'a.png')
+    coco['images'][0].update(width=64, height=48)
+    coco['annotations'][0]['bbox'] = [80, 60, 30, 20]
+    coco['annotations'][1]['bbox'] = [100, 20, 40, 10]
+    pipeline = [
+        dict(type='LoadImageFromFile'),
+        dict(type='LoadAnnotations', with_bbox=True)
+    ]
+    with pytest.warns(InvalidAnnotationWarning) as record:
+        dataset = _dataset(root, coco, pipeline=pipeline)
+    skipped = [str(warning.message) for warning in record]
+    assert len(skipped) == 1
+    # The warning names the size the box was really checked against.
+    assert 'annotation id 2' in skipped[0]
+    assert 'outside the 128 x 96 image' in skipped[0]
+    assert 'annotation id 1' not in skipped[0]
+    with pytest.warns(ImageSizeWarning) as record:
+        sample = dataset[0]
+    message = str(record[0].message)
+    assert "a.png' is 128 x 96" in message and 'records 64 x 48' in message
+    assert 'skipped' not in message
+    np.testing.assert_allclose(
+        _as_array(sample['gt_bboxes']), [[80., 60., 110., 80.]])
+
+
+def test_dataset_warnings_point_at_the_annotation_file(coco_files):
+    root, coco = coco_files
+    coco = copy.deepcopy(coco)
+    coco['annotations'][0]['bbox'] = [55, 5, 30, 10]
+    with pytest.warns(InvalidAnnotationWarning) as record:
+        _dataset(root, coco)
+    # Not mmdet's base_det_dataset.py, which calls load_data_list.
+    assert record[0].filename == osp.join(
+        str(root), 'annotations', 'train.json')

@@ -10,6 +10,9 @@ import pickle
 
 import pytest
 import torch
+from PIL import Image
+
+from ddetr_plugin.engine.visualization_hook import DEFAULT_MIN_SIZE
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +167,9 @@ def test_image_demo_draws_detections(helpers, trained, toy_data, tmp_path):
     assert '000000.png' in result.stdout
     with open(tmp_path / '000000.png', 'rb') as file:
         assert file.read(8) == b'\x89PNG\r\n\x1a\n'
+    # Drawn scaled up, as tools/test.py --show-dir draws, in proportion.
+    with Image.open(image) as original, \
+            Image.open(tmp_path / '000000.png') as drawn:
+        assert max(drawn.size) == DEFAULT_MIN_SIZE > max(original.size)
+        assert drawn.size[0] * original.size[1] == \
+            drawn.size[1] * original.size[0]

@@ -172,3 +172,32 @@ def test_bad_inputs_are_named(tiny, tmp_path):
             CheckpointMismatchError, match='faster_rcnn.pth.*does not fit'):
         run(checkpoint=other_checkpoint)
     assert not osp.exists(out_dir)
+
+
+def test_labels_of_overlapping_detections_do_not_hide_each_other():
+    import itertools
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ddetr_plugin.visualization import drawing
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=drawing.DPI)
+    axes.imshow(np.zeros((96, 160, 3), np.uint8), extent=(0, 160, 96, 0))
+    box = np.array([40.0, 30.0, 100.0, 80.0])
+    # Three detections of one object, one nearly on it, and one touching
+    # the image's top edge, whose label must stay in the picture.
+    boxes = [box, box, box + 1.5, box + np.array([2.0, -1.0, 0.0, 0.0])]
+    boxes.append(np.array([10.0, 0.0, 50.0, 20.0]))
+    labels = [(b, f'{index}: class {index} 0.{index}9', 'red')
+              for index, b in enumerate(boxes)]
+    artists = drawing.place_box_labels(axes, labels)
+    renderer = figure.canvas.get_renderer()
+    extents = [artist.get_window_extent(renderer) for artist in artists]
+    for first, second in itertools.combinations(range(len(extents)), 2):
+        assert not extents[first].overlaps(extents[second]), (first, second)
+    axes_extent = axes.get_window_extent(renderer)
+    assert extents[-1].y1 <= axes_extent.y1
+    # Each label starts at its box's left edge.
+    for artist, (b, _, _) in zip(artists, labels):
+        assert artist.xy == (b[0], b[1])
+    plt.close(figure)

@@ -8,7 +8,8 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.analysis import complexity_analysis, get_model_complexity_info
+from mmengine.analysis import (ActivationAnalyzer, complexity_analysis,
+                               get_model_complexity_info)
 from mmengine.config import Config
 
 import ddetr_plugin  # noqa: F401
@@ -32,14 +33,35 @@ def _count(model, inputs) -> int:
         model, inputs=inputs, show_table=False, show_arch=False)['flops']
 
 
-@pytest.mark.skipif(
+needs_extension = pytest.mark.skipif(
     not extension_loaded(),
     reason='the plain-PyTorch fallback traces as grid_sampler, already '
     'counted by MMEngine')
-def test_counted_flops_rise_by_the_formula(monkeypatch):
+
+
+def _toy_model():
     cfg = Config.fromfile(TOY_CONFIG)
     cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model).eval()
+    return MODELS.build(cfg.model).eval()
+
+
+def _attentions(model, inputs):
+    """(attention module, number of queries) of every encoder and decoder
+    layer; the encoder's queries are the pixels of every feature level."""
+    with torch.no_grad():
+        features = model.extract_feat(inputs)
+    num_keys = sum(feature.shape[-2] * feature.shape[-1]
+                   for feature in features)
+    transformer = model.transformer
+    for layer in transformer.encoder.layers:
+        yield layer.self_attn, num_keys
+    for layer in transformer.decoder.layers:
+        yield layer.cross_attn, model.num_queries
+
+
+@needs_extension
+def test_counted_flops_rise_by_the_formula(monkeypatch):
+    model = _toy_model()
     height, width = 64, 64
     inputs = torch.rand(1, 3, height, width)
     counted = _count(model, inputs)
@@ -47,20 +69,28 @@ def test_counted_flops_rise_by_the_formula(monkeypatch):
                         OP_NAME)
     without_op = _count(model, inputs)
 
-    transformer = model.transformer
-    with torch.no_grad():
-        features = model.extract_feat(inputs)
-    num_keys = sum(feature.shape[-2] * feature.shape[-1]
-                   for feature in features)
     expected = 0
-    for layers, num_queries in ((transformer.encoder.layers, num_keys),
-                                (transformer.decoder.layers,
-                                 model.num_queries)):
-        for layer in layers:
-            attention = getattr(layer, 'cross_attn', layer.self_attn)
-            expected += ms_deform_attn_flops(
-                1, num_queries, attention.num_heads, attention.num_levels,
-                attention.num_points,
-                attention.embed_dims // attention.num_heads)
+    for attention, num_queries in _attentions(model, inputs):
+        expected += ms_deform_attn_flops(
+            1, num_queries, attention.num_heads, attention.num_levels,
+            attention.num_points, attention.embed_dims // attention.num_heads)
     assert counted - without_op == expected
     assert expected > 0
+
+
+@needs_extension
+def test_activations_count_the_op_output(monkeypatch):
+    model = _toy_model()
+    # Non-square, so that a height/width swap would change the count.
+    inputs = torch.rand(1, 3, 64, 96)
+    analyzer = ActivationAnalyzer(model, inputs)
+    counted = analyzer.total()
+    # MMEngine warns "Unsupported operator ..." for these.
+    assert OP_NAME not in analyzer.unsupported_ops()
+    monkeypatch.delitem(complexity_analysis._DEFAULT_SUPPORTED_ACT_OPS,
+                        OP_NAME)
+    without_op = ActivationAnalyzer(model, inputs).total()
+    # One output vector of embed_dims per query and call.
+    expected = sum(num_queries * attention.embed_dims
+                   for attention, num_queries in _attentions(model, inputs))
+    assert counted - without_op == expected

@@ -86,3 +86,42 @@ def transformer_config(transformer: Optional[dict], encoder: Optional[dict],
             'model.decoder and model.positional_encoding as in mmdet\'s '
             f'configs; model.{", model.".join(missing)} missing.')
     return dict(type='DeformableDetrTransformer', **mmdet_style)
+
+
+def check_training_classes(detector, args) -> None:
+    """Forward pre-hook: stop a training run whose data set has another
+    number of classes than the detector, at its first step.
+
+    The plugin's configs check this with ``DatasetCheckHook`` before the
+    run starts; a config inheriting mmdet's (its ``default_hooks`` lack the
+    hook) would otherwise train a whole epoch and then crash in
+    ``CocoMetric`` on the first prediction of a class the data set lacks.
+    The classes are those of the training split, which MMEngine's
+    ``RuntimeInfoHook`` (one of every runner's hooks) puts in the message
+    hub while a training loop runs; outside one nothing is checked.
+
+    Args:
+        detector (nn.Module): The detector about to run a forward pass.
+        args (tuple): The forward pass's positional arguments (unused).
+    """
+    if not detector.training:
+        return
+    from mmengine.logging import MessageHub
+    message_hub = MessageHub.get_current_instance()
+    runtime_info = message_hub.runtime_info
+    if runtime_info.get('loop_stage') != 'train':
+        return
+    classes = (runtime_info.get('dataset_meta') or {}).get('classes')
+    num_classes = getattr(detector.bbox_head, 'num_classes', None)
+    if classes is None or num_classes is None:
+        return
+    from ...engine.dataset_check_hook import (DatasetModelMismatchError,
+                                              check_classes)
+    try:
+        check_classes('train', 'the running training loop\'s', classes,
+                      num_classes)
+    except DatasetModelMismatchError:
+        # The run ends here, before RuntimeInfoHook.after_train clears the
+        # stage: later models of this process must not see it running.
+        message_hub.pop_info('loop_stage')
+        raise

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ddetr_plugin.converters.in_memory import convert_in_place
 from ddetr_plugin.registry import MODELS
-from .config_checks import check_flag, check_positive_int, transformer_config
+from .config_checks import (check_flag, check_positive_int,
+                            check_training_classes, transformer_config)
 
 
 def _build_with(cfg: dict, required: dict, component: str,
@@ -153,6 +154,8 @@ class DeformableDETR(BaseDetector):
             'set by with_box_refine and as_two_stage of the detector')
         self._check_widths()
         self.register_load_state_dict_pre_hook(_convert_foreign_weights)
+        # Configs without DatasetCheckHook (mmdet's) still stop at once.
+        self.register_forward_pre_hook(check_training_classes)
 
     def _head_args(self) -> dict:
         """Head arguments that follow from the detector's flags."""
