@@ -42,6 +42,31 @@ def foreign_layout(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
+# Module names only one of the two detectors has, in every layout (the
+# plugin's, mmdet's, the official repositories').
+_DETECTOR_MARKS = (
+    ('ConditionalDETR', ('ref_point_head.', 'query_scale.')),
+    ('DeformableDETR', ('sampling_offsets.', 'level_embed')),
+)
+
+
+def detector_of(keys: Iterable[str]) -> Optional[str]:
+    """Which detector a state dict's keys belong to, in any layout.
+
+    Args:
+        keys (Iterable[str]): State-dict keys.
+
+    Returns:
+        str, optional: ``'ConditionalDETR'``, ``'DeformableDETR'``, or None
+        when neither is recognised.
+    """
+    keys = list(keys)
+    for detector, marks in _DETECTOR_MARKS:
+        if any(mark in key for key in keys for mark in marks):
+            return detector
+    return None
+
+
 def conversion_hint(layout: str,
                     checkpoint: Optional[str],
                     config: Optional[str] = None) -> str:

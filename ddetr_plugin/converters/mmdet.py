@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .layouts import detector_of
+
 # Conditional DETR's attention projections, mmdet's short names -> whole
 # words.
 _PROJECTIONS = dict(
@@ -182,6 +184,10 @@ def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
     return ''
 
 
+# Where the plugin's configs of each detector live.
+_CONFIG_FOLDERS = dict(
+    ConditionalDETR='conditional_detr', DeformableDETR='deformable_detr')
+
 # The head's classification layers: their first axis is the number of
 # classes, the one thing a fine-tuning run changes on purpose.
 CLASS_LAYER_KEY = re.compile(
@@ -206,6 +212,13 @@ def check_state_dict(model: nn.Module,
         ``allow_class_change``.
     """
     expected: Dict[str, Tensor] = model.state_dict()
+    held, built = detector_of(state_dict), detector_of(expected)
+    if held and built and held != built:
+        raise CheckpointMismatchError(
+            f'The checkpoint holds {held} weights but the model is a '
+            f'{built}: give a {held} config (configs/'
+            f'{_CONFIG_FOLDERS[held]}/...) with these weights, or the '
+            f'weights of a {built}.')
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     reshaped = [

@@ -25,7 +25,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
+from ddetr_plugin.converters import (CheckpointMismatchError, check_state_dict,
+                                     convert_mmdet_state_dict, load_converted)
 from ddetr_plugin.converters.layouts import foreign_layout
 
 pytest.importorskip('scipy')
@@ -156,3 +157,17 @@ def test_mmdet_config_with_two_lines_matches_mmdet(tmp_path):
     reference, plugin = build_inheriting_pair(tmp_path)
     parity.assert_predictions_match(reference, plugin, box_rtol=1e-5)
     parity.assert_losses_match(reference, plugin, 'conditional')
+
+
+def test_weights_of_the_other_detector_are_named(plugin_pair):
+    _, plugin = plugin_pair
+    deformable = {
+        'transformer.encoder.layers.0.self_attn.sampling_offsets.weight':
+        torch.zeros(256, 256)
+    }
+    with pytest.raises(
+            CheckpointMismatchError,
+            match='holds DeformableDETR weights but the model is '
+            'a ConditionalDETR: give a DeformableDETR config '
+            r'\(configs/deformable_detr/'):
+        check_state_dict(plugin, deformable)
