@@ -15,7 +15,7 @@ _MMDET_PREFIXES = ('encoder.layers.', 'decoder.layers.')
 
 _CONVERTERS = {
     'mmdet': ('MMDetection 3.x', 'tools/model_converters/mmdet_to_plugin.py'),
-    'official': ('the official Deformable-DETR repository',
+    'official': ('the official Deformable-DETR or ConditionalDETR repository',
                  'tools/model_converters/official_to_plugin.py'),
 }
 
@@ -48,6 +48,10 @@ _DETECTOR_MARKS = (
     ('ConditionalDETR', ('ref_point_head.', 'query_scale.')),
     ('DeformableDETR', ('sampling_offsets.', 'level_embed')),
 )
+
+# Where the plugin's configs of each detector live.
+CONFIG_FOLDERS = dict(
+    ConditionalDETR='conditional_detr', DeformableDETR='deformable_detr')
 
 
 def detector_of(keys: Iterable[str]) -> Optional[str]:
@@ -86,5 +90,5 @@ def conversion_hint(layout: str,
     if config is not None:
         command += f' --config {config}'
     holder = checkpoint if checkpoint else 'The weights being loaded'
-    return (f'{holder} holds Deformable DETR weights in the layout of '
+    return (f'{holder} holds weights in the layout of '
             f'{source}; convert them for the plugin first: {command}')

@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .layouts import detector_of
+from .layouts import CONFIG_FOLDERS, detector_of
 
 # Conditional DETR's attention projections, mmdet's short names -> whole
 # words.
@@ -184,10 +184,6 @@ def _shape_hint(key: str, expected: torch.Size, received: torch.Size) -> str:
     return ''
 
 
-# Where the plugin's configs of each detector live.
-_CONFIG_FOLDERS = dict(
-    ConditionalDETR='conditional_detr', DeformableDETR='deformable_detr')
-
 # The head's classification layers: their first axis is the number of
 # classes, the one thing a fine-tuning run changes on purpose.
 CLASS_LAYER_KEY = re.compile(
@@ -217,7 +213,7 @@ def check_state_dict(model: nn.Module,
         raise CheckpointMismatchError(
             f'The checkpoint holds {held} weights but the model is a '
             f'{built}: give a {held} config (configs/'
-            f'{_CONFIG_FOLDERS[held]}/...) with these weights, or the '
+            f'{CONFIG_FOLDERS[held]}/...) with these weights, or the '
             f'weights of a {built}.')
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
