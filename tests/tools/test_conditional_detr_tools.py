@@ -13,29 +13,35 @@
   step.
 """
 import glob
-import json
+import importlib.util
 import os.path as osp
 import re
 
-import mmdet
 import numpy as np
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
-MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
+HERE = osp.dirname(osp.abspath(__file__))
 TOY_CONFIG = 'configs/toy/conditional-detr_toy.py'
 
-# mmdet's Conditional DETR config, shrunk to toy size, in mmdet's scope.
-# mmdet's reference-point encoding needs 256 channels.
-MMDET_TINY = '''
-_base_ = 'mmdet::conditional_detr/conditional-detr_r50_8xb2-50e_coco.py'
-# Only so that mmdet's tools can read MMEngine checkpoints on torch >= 2.6;
-# without _scope_ the model stays mmdet's.
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-data_root = {data_root!r}
-classes = {classes!r}
+
+def _load_mmdet_checkpoint_tests():
+    """The Deformable DETR mmdet-checkpoint tests' config writer."""
+    spec = importlib.util.spec_from_file_location(
+        'mmdet_checkpoint_tests', osp.join(HERE, 'test_mmdet_checkpoints.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shared = _load_mmdet_checkpoint_tests()
+MMDET_TOOLS = shared.MMDET_TOOLS
+MMDET_BASE = 'mmdet::conditional_detr/conditional-detr_r50_8xb2-50e_coco.py'
+# mmdet's Conditional DETR, shrunk; mmdet's reference-point encoding needs
+# 256 channels.
+MMDET_TINY_MODEL = """
 ffn = dict(feedforward_channels=64, ffn_drop=0.0)
 model = dict(
     num_queries=10,
@@ -50,68 +56,14 @@ model = dict(
         self_attn_cfg=dict(attn_drop=0.0), cross_attn_cfg=dict(attn_drop=0.0),
         ffn_cfg=ffn)),
     bbox_head=dict(num_classes=len(classes)))
-pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(128, 128), keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                          'img_shape', 'scale_factor'))
-]
-split = dict(data_root=data_root, metainfo=dict(classes=classes),
-             pipeline=pipeline)
-train_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    batch_sampler=None,
-    dataset=dict(split, ann_file='annotations/instances_train.json',
-                 data_prefix=dict(img='train/'),
-                 filter_cfg=dict(filter_empty_gt=False)))
-val_dataloader = dict(
-    batch_size=2, num_workers=0, persistent_workers=False,
-    dataset=dict(split, ann_file='annotations/instances_val.json',
-                 data_prefix=dict(img='val/')))
-test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
-test_evaluator = val_evaluator
-optim_wrapper = dict(optimizer=dict(lr=1e-3))
-train_cfg = dict(max_epochs={max_epochs}, val_interval=10)
-param_scheduler = []
-default_hooks = dict(logger=dict(interval=1))
-randomness = dict(seed=0)
-'''
-# mmdet's config plus the plugin's two lines.
-PLUGIN_CONFIG = """_base_ = {base!r}
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
 """
 
 
-def _classes(toy_data):
-    with open(osp.join(toy_data, 'annotations', 'instances_val.json')) as f:
-        return tuple(category['name']
-                     for category in json.load(f)['categories'])
-
-
 def _write(folder, toy_data, name, max_epochs=1, plugin=False):
-    """mmdet's tiny config; with ``plugin``, a config inheriting it and
-    adding only the plugin's two lines."""
-    path = osp.join(folder, name)
-    mmdet_path = path[:-3] + '_mmdet.py' if plugin else path
-    with open(mmdet_path, 'w') as file:
-        file.write(
-            MMDET_TINY.format(
-                data_root=toy_data.rstrip('/') + '/',
-                classes=_classes(toy_data),
-                max_epochs=max_epochs))
-    if plugin:
-        with open(path, 'w') as file:
-            file.write(PLUGIN_CONFIG.format(base=mmdet_path))
-    return path
-
-
-def _bbox_map(output: str) -> float:
-    match = re.search(r'coco/bbox_mAP: (-?[\d.]+)', output)
-    assert match is not None, output[-3000:]
-    return float(match.group(1))
+    """mmdet's tiny Conditional DETR config; with ``plugin``, a config
+    inheriting it and adding only the plugin's two lines."""
+    return shared._write(folder, toy_data, name, max_epochs, plugin,
+                         MMDET_BASE, MMDET_TINY_MODEL)
 
 
 def _toy_options(toy_data, work_dir):
@@ -149,7 +101,7 @@ def test_toy_config_trains_and_tests(helpers, toy_data, tmp_path):
     tested = helpers.run_tool(['tools/test.py', TOY_CONFIG, checkpoint] +
                               _toy_options(toy_data, str(tmp_path /
                                                          'test'))).stdout
-    assert 0 <= _bbox_map(tested) <= 1
+    assert 0 <= shared._bbox_map(tested) <= 1
 
 
 def test_class_count_mismatch_stops_training_first(helpers, toy_data,
@@ -196,7 +148,7 @@ def test_test_tool_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run):
     # mmdet's: see the DetInferencer test below and
     # tests/models/test_parity_conditional_detr.py).
     assert result.stdout.count('converted in memory') == 1
-    assert 0 <= _bbox_map(result.stdout) <= 1
+    assert 0 <= shared._bbox_map(result.stdout) <= 1
 
 
 def test_resume_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run,
