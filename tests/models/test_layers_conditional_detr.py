@@ -102,13 +102,10 @@ def test_decoder_refuses_a_missing_final_norm():
         ConditionalDetrDecoder(num_layers=1, post_norm_cfg=None)
 
 
-def test_transformer_masks_padding_like_an_unpadded_map():
-    """A padded image gives the queries what the same image unpadded
-    gives: the padding is masked and the positions count valid pixels."""
-    torch.manual_seed(3)
+def _transformer():
     attention = dict(embed_dims=EMBED_DIMS, num_heads=4)
     ffn = dict(embed_dims=EMBED_DIMS, feedforward_channels=64)
-    transformer = ConditionalDetrTransformer(
+    return ConditionalDetrTransformer(
         encoder=dict(
             num_layers=1, layer_cfg=dict(self_attn_cfg=attention,
                                          ffn_cfg=ffn)),
@@ -119,6 +116,13 @@ def test_transformer_masks_padding_like_an_unpadded_map():
                 ffn_cfg=ffn)),
         positional_encoding=dict(num_feats=EMBED_DIMS // 2, normalize=True),
         num_queries=5).eval()
+
+
+def test_transformer_masks_padding_like_an_unpadded_map():
+    """A padded image gives the queries what the same image unpadded
+    gives: the padding is masked and the positions count valid pixels."""
+    torch.manual_seed(3)
+    transformer = _transformer()
     feature = torch.randn(1, EMBED_DIMS, 4, 5)
     padded = torch.randn(1, EMBED_DIMS, 6, 8)
     padded[..., :4, :5] = feature
@@ -129,6 +133,28 @@ def test_transformer_masks_padding_like_an_unpadded_map():
         together, padded_references = transformer(padded, mask)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(padded_references, references)
+
+
+def test_transformer_exports_with_dynamic_sizes():
+    """No Python branch on tensor values: one exported program serves any
+    batch and map size."""
+    torch.manual_seed(5)
+    transformer = _transformer()
+    batch, height, width = (
+        torch.export.Dim(name, min=2, max=64)
+        for name in ('batch', 'height', 'width'))
+    program = torch.export.export(
+        transformer, (torch.randn(2, EMBED_DIMS, 6, 7), None),
+        dynamic_shapes=({
+            0: batch,
+            2: height,
+            3: width
+        }, None))
+    other = torch.randn(3, EMBED_DIMS, 9, 5)
+    with torch.no_grad():
+        for got, want in zip(program.module()(other, None),
+                             transformer(other, None)):
+            torch.testing.assert_close(got, want)
 
 
 def _head():
