@@ -19,7 +19,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -125,16 +124,8 @@ def mmdet_run(helpers, toy_data, tmp_path_factory):
     layout, with mmdet's optimizer state)."""
     folder = str(tmp_path_factory.mktemp('mmdet_run'))
     config = _write(folder, toy_data, 'mmdet_tiny.py')
-    work_dir = osp.join(folder, 'work')
-    helpers.run_tool(
-        [osp.join(MMDET_TOOLS, 'train.py'), config, '--work-dir', work_dir])
-    checkpoint = osp.join(work_dir, 'epoch_1.pth')
-    saved = torch.load(checkpoint, weights_only=False)
-    assert any(
-        key.startswith('decoder.ref_point_head.')
-        for key in saved['state_dict'])
-    assert saved['optimizer']['state']
-    return folder, config, checkpoint
+    return folder, config, shared.train_with_mmdet(helpers, folder, config,
+                                                   'decoder.ref_point_head.')
 
 
 def test_test_tool_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run):
@@ -156,13 +147,9 @@ def test_resume_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run,
     _, _, checkpoint = mmdet_run
     config = _write(
         str(tmp_path), toy_data, 'plugin_tiny.py', max_epochs=2, plugin=True)
-    resumed = helpers.run_tool([
-        'tools/train.py', config, '--work-dir',
-        str(tmp_path / 'resume'), '--resume', checkpoint
-    ]).stdout
+    resumed = shared.resume_with_plugin(helpers, config,
+                                        str(tmp_path / 'resume'), checkpoint)
     assert 'weights and optimizer state converted in memory' in resumed
-    assert 'resumed epoch: 1' in resumed
-    assert osp.isfile(tmp_path / 'resume' / 'epoch_2.pth')
 
 
 def test_converter_and_inferencer_take_the_mmdet_checkpoint(
