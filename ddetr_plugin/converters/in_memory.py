@@ -135,13 +135,15 @@ def convert_in_place(state_dict: Dict[str, Tensor], prefix: str,
             mmdet_state, model, allow_class_change=True)
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(
-            'The weights are in the layout of MMDetection 3.x\'s Deformable '
-            f'DETR, but do not fit {type(model).__name__}: {error}') from None
+            'The weights are in the layout of MMDetection 3.x\'s '
+            f'{type(model).__name__}, but do not fit the plugin\'s: {error}'
+        ) from None
     state_dict.update(
         (prefix + key, value) for key, value in converted.items())
-    message = (f'Loaded weights in the layout of MMDetection 3.x\'s '
-               f'Deformable DETR: {len(mmdet_state)} tensors converted in '
-               'memory to the plugin\'s layout and checked to fit the model')
+    message = (
+        f'Loaded weights in the layout of MMDetection 3.x\'s '
+        f'{type(model).__name__}: {len(mmdet_state)} tensors converted in '
+        'memory to the plugin\'s layout and checked to fit the model')
     if class_layers:
         return (message + ', except the classification layers, which have '
                 'another number of classes and keep their initial values: ' +

@@ -15,7 +15,7 @@ _MMDET_PREFIXES = ('encoder.layers.', 'decoder.layers.')
 
 _CONVERTERS = {
     'mmdet': ('MMDetection 3.x', 'tools/model_converters/mmdet_to_plugin.py'),
-    'official': ('the official Deformable-DETR repository',
+    'official': ('the official Deformable-DETR or ConditionalDETR repository',
                  'tools/model_converters/official_to_plugin.py'),
 }
 
@@ -42,6 +42,35 @@ def foreign_layout(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
+# Module names only one of the two detectors has, in every layout (the
+# plugin's, mmdet's, the official repositories').
+_DETECTOR_MARKS = (
+    ('ConditionalDETR', ('ref_point_head.', 'query_scale.')),
+    ('DeformableDETR', ('sampling_offsets.', 'level_embed')),
+)
+
+# Where the plugin's configs of each detector live.
+CONFIG_FOLDERS = dict(
+    ConditionalDETR='conditional_detr', DeformableDETR='deformable_detr')
+
+
+def detector_of(keys: Iterable[str]) -> Optional[str]:
+    """Which detector a state dict's keys belong to, in any layout.
+
+    Args:
+        keys (Iterable[str]): State-dict keys.
+
+    Returns:
+        str, optional: ``'ConditionalDETR'``, ``'DeformableDETR'``, or None
+        when neither is recognised.
+    """
+    keys = list(keys)
+    for detector, marks in _DETECTOR_MARKS:
+        if any(mark in key for key in keys for mark in marks):
+            return detector
+    return None
+
+
 def conversion_hint(layout: str,
                     checkpoint: Optional[str],
                     config: Optional[str] = None) -> str:
@@ -61,5 +90,5 @@ def conversion_hint(layout: str,
     if config is not None:
         command += f' --config {config}'
     holder = checkpoint if checkpoint else 'The weights being loaded'
-    return (f'{holder} holds Deformable DETR weights in the layout of '
+    return (f'{holder} holds weights in the layout of '
             f'{source}; convert them for the plugin first: {command}')

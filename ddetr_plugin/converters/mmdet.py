@@ -1,6 +1,7 @@
-"""Weights of MMDetection 3.x's Deformable DETR in the plugin's layout.
+"""Weights of MMDetection 3.x's Deformable and Conditional DETR in the
+plugin's layout.
 
-The two models compute the same thing; only module names differ
+The models compute the same thing; only module names differ
 (mmdet 3.3.0 name -> plugin name):
 
 * ``neck.convs.{i}.conv/gn`` -> ``neck.projections.{i}.conv/norm``, and
@@ -11,8 +12,16 @@ The two models compute the same thing; only module names differ
   ``transformer.decoder.layers.{i}.{self_attn,cross_attn,ffn}_norm``;
 * ``*.ffn.layers.0.0`` and ``*.ffn.layers.1`` -> ``*.ffn.linear1`` and
   ``*.ffn.linear2``;
-* ``decoder.layers.{i}.self_attn.attn.*`` (mmcv's wrapper around torch's
-  multi-head attention) -> ``...self_attn.*`` (torch's directly);
+* ``{encoder,decoder}.layers.{i}.self_attn.attn.*`` (mmcv's wrapper
+  around torch's multi-head attention) -> ``...self_attn.*`` (torch's
+  directly);
+* Conditional DETR's attention projections ``q``/``k``/``v`` ->
+  ``query``/``key``/``value`` (``qcontent_proj`` -> ``query_content_proj``,
+  ``qpos_sine_proj`` -> ``query_sine_proj``...), its MLPs
+  ``decoder.{query_scale,ref_point_head}.layers.{j}`` ->
+  ``...{query_scale,ref_point_head}.{2j}``, and its head's ``fc_cls``,
+  ``reg_ffn.layers.0.0``, ``reg_ffn.layers.1``, ``fc_reg`` ->
+  ``cls_branch``, ``reg_branch.{0,2,4}``;
 * the rest of ``encoder.*`` and ``decoder.*``, and ``level_embed``,
   ``query_embedding``, ``reference_points_fc``, ``memory_trans_*``,
   ``pos_trans_*`` -> the same name under ``transformer.``;
@@ -24,13 +33,38 @@ zero biases, which leaves the computation unchanged.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .layouts import CONFIG_FOLDERS, detector_of
+
+# Conditional DETR's attention projections, mmdet's short names -> whole
+# words.
+_PROJECTIONS = dict(
+    qcontent='query_content',
+    qpos='query_pos',
+    kcontent='key_content',
+    kpos='key_pos',
+    v='value',
+    qpos_sine='query_sine')
+
+
+def _projection(match: 're.Match') -> str:
+    return (f'transformer.decoder.layers.{match.group(1)}.{match.group(2)}'
+            f'_attn.{_PROJECTIONS[match.group(3)]}_proj.')
+
+
+def _mlp_layer(match: 're.Match') -> str:
+    # mmdet's MLP lists its linear layers; the plugin's nn.Sequential has a
+    # ReLU between each two, so linear layer j sits at index 2j.
+    return (f'transformer.decoder.{match.group(1)}.'
+            f'{2 * int(match.group(2))}.')
+
+
 # (pattern, replacement) applied in order; the first match wins.
-_RENAMES: List[Tuple[str, str]] = [
+_RENAMES: List[Tuple[str, Union[str, Callable]]] = [
     (r'^neck\.convs\.(\d+)\.gn\.', r'neck.projections.\1.norm.'),
     (r'^neck\.convs\.(\d+)\.conv\.', r'neck.projections.\1.conv.'),
     (r'^(encoder|decoder)\.layers\.(\d+)\.ffn\.layers\.0\.0\.',
@@ -47,8 +81,15 @@ _RENAMES: List[Tuple[str, str]] = [
      r'transformer.decoder.layers.\1.cross_attn_norm.'),
     (r'^decoder\.layers\.(\d+)\.norms\.2\.',
      r'transformer.decoder.layers.\1.ffn_norm.'),
-    (r'^decoder\.layers\.(\d+)\.self_attn\.attn\.',
-     r'transformer.decoder.layers.\1.self_attn.'),
+    (r'^(encoder|decoder)\.layers\.(\d+)\.self_attn\.attn\.',
+     r'transformer.\1.layers.\2.self_attn.'),
+    (r'^decoder\.layers\.(\d+)\.(self|cross)_attn\.'
+     r'(qcontent|qpos|kcontent|kpos|v|qpos_sine)_proj\.', _projection),
+    (r'^decoder\.(query_scale|ref_point_head)\.layers\.(\d+)\.', _mlp_layer),
+    (r'^bbox_head\.fc_cls\.', 'bbox_head.cls_branch.'),
+    (r'^bbox_head\.reg_ffn\.layers\.0\.0\.', 'bbox_head.reg_branch.0.'),
+    (r'^bbox_head\.reg_ffn\.layers\.1\.', 'bbox_head.reg_branch.2.'),
+    (r'^bbox_head\.fc_reg\.', 'bbox_head.reg_branch.4.'),
     (r'^(encoder|decoder|level_embed|query_embedding|reference_points_fc|'
      r'memory_trans_fc|memory_trans_norm|pos_trans_fc|pos_trans_norm)\b',
      r'transformer.\1'),
@@ -80,11 +121,15 @@ def _rename(key: str, num_backbone_levels: int) -> str:
 
 def convert_mmdet_state_dict(
         state_dict: Mapping[str, Tensor]) -> 'OrderedDict[str, Tensor]':
-    """Map an mmdet 3.3.0 ``DeformableDETR`` state dict to the plugin's.
+    """Map an mmdet 3.3.0 ``DeformableDETR`` or ``ConditionalDETR`` state
+    dict to the plugin's.
 
-    Keys that need no renaming (backbone, head) are kept; neck
-    convolutions without bias get zero biases. The tensors are shared, not
-    copied.
+    Keys that need no renaming (backbone) are kept. A ChannelMapper neck
+    with GroupNorm (Deformable DETR's) becomes the plugin's
+    ``DeformableDetrNeck``, its convolutions without bias getting zero
+    biases; one without norm (Conditional DETR's 1x1 projection) is
+    mmdet's ``ChannelMapper`` in the plugin's configs too, and keeps its
+    keys. The tensors are shared, not copied.
 
     Args:
         state_dict (Mapping[str, Tensor]): mmdet's ``model.state_dict()``
@@ -99,9 +144,14 @@ def convert_mmdet_state_dict(
         for match in (re.match(r'^neck\.convs\.(\d+)\.', key)
                       for key in state_dict) if match
     })
+    with_group_norm = any(
+        re.match(r'^neck\.convs\.\d+\.gn\.', key) for key in state_dict)
     converted: 'OrderedDict[str, Tensor]' = OrderedDict()
     for key, value in state_dict.items():
-        converted[_rename(key, num_backbone_levels)] = value
+        if key.startswith('neck.') and not with_group_norm:
+            converted[key] = value
+        else:
+            converted[_rename(key, num_backbone_levels)] = value
     for key in list(converted):
         match = re.match(r'^(neck\.projections\.\d+\.conv\.)weight$', key)
         if match and match.group(1) + 'bias' not in converted:
@@ -145,7 +195,8 @@ MAX_LISTED = 10
 
 # The head's classification layers: their first axis is the number of
 # classes, the one thing a fine-tuning run changes on purpose.
-CLASS_LAYER_KEY = re.compile(r'^bbox_head\.cls_branches\.\d+\.(weight|bias)$')
+CLASS_LAYER_KEY = re.compile(
+    r'^bbox_head\.(cls_branches\.\d+|cls_branch)\.(weight|bias)$')
 
 
 def _first_keys(keys: List[str]) -> str:
@@ -173,6 +224,13 @@ def check_state_dict(model: nn.Module,
         ``allow_class_change``.
     """
     expected: Dict[str, Tensor] = model.state_dict()
+    held, built = detector_of(state_dict), detector_of(expected)
+    if held and built and held != built:
+        raise CheckpointMismatchError(
+            f'The checkpoint holds {held} weights but the model is a '
+            f'{built}: give a {held} config (configs/'
+            f'{CONFIG_FOLDERS[held]}/...) with these weights, or the '
+            f'weights of a {built}.')
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     reshaped = [

@@ -1,5 +1,9 @@
 """Weights of the official Deformable-DETR release in the plugin's layout.
 
+Checkpoints of the official ConditionalDETR repository are recognised by
+their keys and renamed by :mod:`.official_conditional`; the rest of this
+module (class remapping, reading the file) serves both.
+
 The official repository (fundamentalvision/Deformable-DETR) saves
 ``{'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', 'args'}``,
 ``args`` being a pickled ``argparse.Namespace``. Conversion goes through
@@ -56,6 +60,8 @@ from torch import Tensor
 
 from ..utils.checkpoint import (UntrustedCheckpointError,
                                 check_checkpoint_format, load_checkpoint_file)
+from .layouts import detector_of
+from .official_conditional import rename_official_conditional
 
 VARIANTS = ('plain', 'refine', 'two-stage')
 
@@ -159,14 +165,16 @@ def official_state_dict(checkpoint: Mapping) -> Mapping[str, Tensor]:
     state_dict = checkpoint.get('model', checkpoint)
     if not any(key.startswith('transformer.') for key in state_dict):
         raise OfficialCheckpointError(
-            'this is not an official Deformable-DETR state dict: no '
+            'this is not an official Deformable-DETR or ConditionalDETR '
+            'state dict: no '
             '"transformer.*" keys; first keys: '
             f'{list(state_dict)[:5]}')
     return state_dict
 
 
 def detect_variant(state_dict: Mapping[str, Tensor]) -> str:
-    """``'plain'``, ``'refine'`` or ``'two-stage'`` from the official keys.
+    """``'plain'``, ``'refine'`` or ``'two-stage'`` from the official keys
+    (of a Deformable-DETR checkpoint; ConditionalDETR has no variants).
 
     Two-stage models have ``transformer.enc_output``; refinement gives
     every decoder layer its own branches, which the official code aliases
@@ -219,7 +227,8 @@ def official_to_mmdet_state_dict(
     checkpoint: Mapping,
     category_ids: Optional[Sequence[int]] = COCO_CATEGORY_IDS
 ) -> 'OrderedDict[str, Tensor]':
-    """Map official weights to MMDetection 3.3.0's DeformableDETR names.
+    """Map official weights to MMDetection 3.3.0's DeformableDETR names, or
+    ConditionalDETR's for a checkpoint of the official ConditionalDETR.
 
     Args:
         checkpoint (Mapping): The official checkpoint (with ``model``) or
@@ -234,6 +243,14 @@ def official_to_mmdet_state_dict(
         convolutions with biases).
     """
     state_dict = official_state_dict(checkpoint)
+    if detector_of(state_dict) == 'ConditionalDETR':
+        converted, unknown = rename_official_conditional(
+            state_dict, category_ids, _class_rows)
+        if unknown:
+            raise OfficialCheckpointError(
+                'official keys with no known mmdet name (is this an '
+                f'official ConditionalDETR checkpoint?): {unknown}')
+        return _add_batch_counts(converted)
     variant = detect_variant(state_dict)
     num_input_levels = _num_input_levels(state_dict)
     class_branches = {
@@ -280,8 +297,16 @@ def official_to_mmdet_state_dict(
             'official keys with no known mmdet name (is this an official '
             f'Deformable-DETR R50 checkpoint?): {unknown}')
 
-    # The official backbone uses frozen batch norm, which keeps no batch
-    # count; mmdet's BatchNorm2d has one (unused in eval mode).
+    return _add_batch_counts(converted)
+
+
+def _add_batch_counts(
+        converted: 'OrderedDict[str, Tensor]') -> 'OrderedDict[str, Tensor]':
+    """Zero ``num_batches_tracked`` for every backbone batch norm.
+
+    The official backbones use frozen batch norm, which keeps no batch
+    count; mmdet's BatchNorm2d has one (unused in eval mode).
+    """
     for key in [k for k in converted if _BATCH_NORM_RUNNING_VAR.match(k)]:
         count_key = key[:-len('running_var')] + 'num_batches_tracked'
         converted.setdefault(count_key, torch.tensor(0, dtype=torch.long))

@@ -134,9 +134,9 @@ model = dict(_scope_='ddetr_plugin')
 def test_mmdet_weights_load_directly_with_one_log_line(tmp_path, monkeypatch):
     from mmengine.runner import load_checkpoint
 
-    from ddetr_plugin.models.detectors import deformable_detr
+    from ddetr_plugin.models.detectors import detr_base
     logged = []
-    monkeypatch.setattr(deformable_detr, 'print_log',
+    monkeypatch.setattr(detr_base, 'print_log',
                         lambda message, **kwargs: logged.append(message))
     state_dict = mmdet_state_dict(VARIANTS[2])
     path = tmp_path / 'mmdet.pth'

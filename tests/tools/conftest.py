@@ -74,7 +74,9 @@ custom_hooks = [
 log_processor = dict(window_size=1)
 '''
 
-# mmdet's refinement config, shrunk to toy size, in mmdet's scope.
+# mmdet's config, shrunk to toy size, in mmdet's scope: the header, the
+# model ({model}: by default mmdet's refinement variant) and the toy data
+# and schedule.
 MMDET_TINY = '''
 _base_ = {base!r}
 # Only so that mmdet's tools can read MMEngine checkpoints on torch >= 2.6
@@ -82,24 +84,7 @@ _base_ = {base!r}
 custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
 data_root = {data_root!r}
 classes = {classes!r}
-layer = dict(embed_dims=32, num_heads=2, dropout=0.0)
-ffn = dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0)
-model = dict(
-    num_queries=10,
-    data_preprocessor=dict(mean=[127.5] * 3, std=[64.0] * 3),
-    backbone=dict(depth=18, base_channels=8, frozen_stages=-1,
-                  norm_cfg=dict(requires_grad=True), norm_eval=False,
-                  init_cfg=None),
-    neck=dict(in_channels=[16, 32, 64], out_channels=32,
-              norm_cfg=dict(num_groups=8)),
-    encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
-                                              ffn_cfg=ffn)),
-    decoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
-                                              cross_attn_cfg=layer,
-                                              ffn_cfg=ffn)),
-    positional_encoding=dict(num_feats=16),
-    bbox_head=dict(num_classes=len(classes), embed_dims=32))
-pipeline = [
+{model}pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(128, 128), keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True),
@@ -127,6 +112,25 @@ param_scheduler = []
 default_hooks = dict(logger=dict(interval=1))
 randomness = dict(seed=0)
 '''
+MMDET_TINY_MODEL = '''
+layer = dict(embed_dims=32, num_heads=2, dropout=0.0)
+ffn = dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0)
+model = dict(
+    num_queries=10,
+    data_preprocessor=dict(mean=[127.5] * 3, std=[64.0] * 3),
+    backbone=dict(depth=18, base_channels=8, frozen_stages=-1,
+                  norm_cfg=dict(requires_grad=True), norm_eval=False,
+                  init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64], out_channels=32,
+              norm_cfg=dict(num_groups=8)),
+    encoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
+                                              ffn_cfg=ffn)),
+    decoder=dict(num_layers=1, layer_cfg=dict(self_attn_cfg=layer,
+                                              cross_attn_cfg=layer,
+                                              ffn_cfg=ffn)),
+    positional_encoding=dict(num_feats=16),
+    bbox_head=dict(num_classes=len(classes), embed_dims=32))
+'''
 # Box refinement: mmdet's two-stage variant only fits 256 channels.
 MMDET_BASE = ('mmdet::deformable_detr/'
               'deformable-detr-refine_r50_16xb2-50e_coco.py')
@@ -149,16 +153,19 @@ def write_mmdet_tiny_config(folder: str,
                             name: str,
                             max_epochs: int = 1,
                             plugin: bool = False,
-                            classes: Optional[Sequence[str]] = None) -> str:
-    """mmdet's tiny config (of ``classes``, all toy classes by default);
-    with ``plugin``, a config inheriting it and adding only the plugin's two
-    lines."""
+                            classes: Optional[Sequence[str]] = None,
+                            base: str = MMDET_BASE,
+                            model: str = MMDET_TINY_MODEL) -> str:
+    """mmdet's tiny config (``base`` shrunk by the ``model`` text, of
+    ``classes``, all toy classes by default); with ``plugin``, a config
+    inheriting it and adding only the plugin's two lines."""
     path = osp.join(folder, name)
     mmdet_path = path[:-3] + '_mmdet.py' if plugin else path
     with open(mmdet_path, 'w') as file:
         file.write(
             MMDET_TINY.format(
-                base=MMDET_BASE,
+                base=base,
+                model=model,
                 data_root=toy_data.rstrip('/') + '/',
                 classes=tuple(classes or toy_classes(toy_data)),
                 max_epochs=max_epochs))

@@ -30,21 +30,40 @@ def _bbox_map(output: str) -> float:
     return float(match.group(1))
 
 
-@pytest.fixture(scope='module')
-def mmdet_run(helpers, toy_data, tmp_path_factory):
-    """Folder, mmdet's config and its one-epoch checkpoint (mmdet's
-    layout, with mmdet's optimizer state)."""
-    folder = str(tmp_path_factory.mktemp('mmdet_run'))
-    config = helpers.write_mmdet_tiny_config(folder, toy_data, 'mmdet_tiny.py')
+def train_with_mmdet(helpers, folder, config, marker):
+    """mmdet's tools/train.py for the epochs of ``config``; the path of the
+    first epoch's checkpoint (mmdet's layout, with ``marker`` among its
+    keys, and mmdet's optimizer state)."""
     work_dir = osp.join(folder, 'work')
     helpers.run_tool(
         [osp.join(MMDET_TOOLS, 'train.py'), config, '--work-dir', work_dir])
     checkpoint = osp.join(work_dir, 'epoch_1.pth')
     saved = torch.load(checkpoint, weights_only=False)
-    assert any(
-        key.startswith('encoder.layers.') for key in saved['state_dict'])
+    assert any(key.startswith(marker) for key in saved['state_dict'])
     assert saved['optimizer']['state']
-    return folder, config, checkpoint
+    return checkpoint
+
+
+def resume_with_plugin(helpers, config, work_dir, checkpoint):
+    """The plugin's tools/train.py resuming ``checkpoint`` for a second
+    epoch; its output."""
+    resumed = helpers.run_tool([
+        'tools/train.py', config, '--work-dir', work_dir, '--resume',
+        checkpoint
+    ]).stdout
+    assert 'resumed epoch: 1' in resumed
+    assert osp.isfile(osp.join(work_dir, 'epoch_2.pth'))
+    assert not osp.isfile(osp.join(work_dir, 'epoch_1.pth'))
+    return resumed
+
+
+@pytest.fixture(scope='module')
+def mmdet_run(helpers, toy_data, tmp_path_factory):
+    """Folder, mmdet's config and its one-epoch checkpoint."""
+    folder = str(tmp_path_factory.mktemp('mmdet_run'))
+    config = helpers.write_mmdet_tiny_config(folder, toy_data, 'mmdet_tiny.py')
+    return folder, config, train_with_mmdet(helpers, folder, config,
+                                            'encoder.layers.')
 
 
 def test_test_tool_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run):
@@ -71,11 +90,6 @@ def test_resume_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run,
     _, _, checkpoint = mmdet_run
     config = helpers.write_mmdet_tiny_config(
         str(tmp_path), toy_data, 'plugin_tiny.py', max_epochs=2, plugin=True)
-    resumed = helpers.run_tool([
-        'tools/train.py', config, '--work-dir',
-        str(tmp_path / 'resume'), '--resume', checkpoint
-    ]).stdout
+    resumed = resume_with_plugin(helpers, config, str(tmp_path / 'resume'),
+                                 checkpoint)
     assert CONVERTED_LINE.format(what='weights and optimizer state') in resumed
-    assert 'resumed epoch: 1' in resumed
-    assert osp.isfile(tmp_path / 'resume' / 'epoch_2.pth')
-    assert not osp.isfile(tmp_path / 'resume' / 'epoch_1.pth')

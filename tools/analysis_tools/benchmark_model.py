@@ -1,4 +1,5 @@
-"""Time the plugin's Deformable DETR against mmdet 3.3.0's, same weights.
+"""Time the plugin's Deformable or Conditional DETR against mmdet 3.3.0's,
+same weights.
 
 Both models are built in one process from their own R50 configs (random
 weights, no download); mmdet's weights are copied into the plugin's model,
@@ -9,11 +10,14 @@ so both compute the same function. The script times
 
 alternating the two models run by run (so a change of machine load hits
 both), and prints the median and the minimum of each and the plugin's time
-as a ratio of mmdet's. Example::
+as a ratio of mmdet's. Examples::
 
     python tools/analysis_tools/benchmark_model.py --threads 2
+    python tools/analysis_tools/benchmark_model.py --threads 2 \
+        --variant conditional-detr_r50_8xb2-50e_coco.py --skip-train
 
-Targets on CPU: inference <= 0.5x and a training step <= 0.6x mmdet's.
+Targets on CPU: Deformable DETR inference <= 0.5x and a training step
+<= 0.6x mmdet's; Conditional DETR inference <= 0.8x.
 """
 import argparse
 import os.path as osp
@@ -42,7 +46,8 @@ def parse_args() -> argparse.Namespace:
         '--variant',
         default=VARIANT,
         help='config file name, the same in mmdet\'s and the plugin\'s '
-        'configs/deformable_detr/')
+        'configs/deformable_detr/ (or configs/conditional_detr/ for a name '
+        'starting with conditional-detr)')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--warmup', type=int, default=1)
@@ -59,6 +64,12 @@ def parse_args() -> argparse.Namespace:
         nargs=3,
         default=[2, 512, 512],
         metavar=('BATCH', 'H', 'W'))
+    parser.add_argument(
+        '--clock',
+        choices=('wall', 'cpu'),
+        default='wall',
+        help='wall time, or the CPU time of this process (all its threads), '
+        'which other processes on a loaded machine disturb less')
     parser.add_argument('--skip-train', action='store_true')
     parser.add_argument('--skip-infer', action='store_true')
     return parser.parse_args()
@@ -66,13 +77,14 @@ def parse_args() -> argparse.Namespace:
 
 def build_models(variant: str, device: str):
     """mmdet's model and the plugin's, with mmdet's random weights."""
+    folder = 'conditional_detr' if variant.startswith(
+        'conditional-detr') else 'deformable_detr'
     configs = {
         'mmdet':
         osp.join(
-            osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr',
-            variant),
+            osp.dirname(mmdet.__file__), '.mim', 'configs', folder, variant),
         'ddetr_plugin':
-        osp.join(REPO, 'configs', 'deformable_detr', variant),
+        osp.join(REPO, 'configs', folder, variant),
     }
     models = {}
     for scope, path in configs.items():
@@ -115,12 +127,21 @@ def make_data(model, sizes: List[tuple], training: bool) -> dict:
         dict(inputs=inputs, data_samples=samples), training)
 
 
-def interleaved_times(functions: Sequence[Callable[[], None]], warmup: int,
-                      runs: int) -> List[List[float]]:
-    """Wall times of each function, runs alternating between them.
+def interleaved_times(
+        functions: Sequence[Callable[[], None]],
+        warmup: int,
+        runs: int,
+        clock: Callable[[], float] = time.perf_counter) -> List[List[float]]:
+    """Times of each function, runs alternating between them.
 
     Alternating spreads any change of machine load over both models
     instead of charging it to whichever ran second.
+
+    Args:
+        functions (Sequence[Callable]): What to time.
+        warmup (int): Untimed runs of each first.
+        runs (int): Timed runs of each.
+        clock (Callable): Seconds now; wall time by default.
 
     Returns:
         list[list[float]]: ``runs`` times in seconds per function.
@@ -131,11 +152,11 @@ def interleaved_times(functions: Sequence[Callable[[], None]], warmup: int,
     times = [[] for _ in functions]
     for _ in range(runs):
         for function, function_times in zip(functions, times):
-            start = time.perf_counter()
+            start = clock()
             function()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            function_times.append(time.perf_counter() - start)
+            function_times.append(clock() - start)
     return times
 
 
@@ -171,15 +192,18 @@ def main() -> None:
     compiled = getattr(ops, 'extension_loaded', lambda: False)()
     print(f'{args.variant}, device {args.device}, {args.threads} threads, '
           f'torch {torch.__version__}, ddetr_plugin '
-          f'{ddetr_plugin.__version__}, compiled op loaded: {compiled}')
+          f'{ddetr_plugin.__version__}, compiled op loaded: {compiled}, '
+          f'{args.clock} clock')
+    clock = time.perf_counter if args.clock == 'wall' else time.process_time
     rows = []
     if not args.skip_infer:
         data = make_data(reference, [tuple(args.infer_size)], False)
-        rows.append((f'inference 1x{args.infer_size[0]}x'
-                     f'{args.infer_size[1]}',
-                     interleaved_times(
-                         [inference(reference, data),
-                          inference(plugin, data)], args.warmup, args.runs)))
+        rows.append(
+            (f'inference 1x{args.infer_size[0]}x'
+             f'{args.infer_size[1]}',
+             interleaved_times(
+                 [inference(reference, data),
+                  inference(plugin, data)], args.warmup, args.runs, clock)))
     if not args.skip_train:
         batch_size, height, width = args.train_size
         data = make_data(reference, [(height, width)] * batch_size, True)
@@ -187,7 +211,8 @@ def main() -> None:
             (f'training step {batch_size}x{height}x{width}',
              interleaved_times(
                  [training_step(reference, data),
-                  training_step(plugin, data)], args.warmup, args.runs)))
+                  training_step(plugin, data)], args.warmup, args.runs,
+                 clock)))
     print(f'{"":28s} {"mmdet (s)":>17s} {"plugin (s)":>17s} '
           f'{"ratio":>13s}')
     print(f'{"":28s} {"median   min":>17s} {"median   min":>17s} '

@@ -1,4 +1,5 @@
-"""Convert an MMDetection 3.x Deformable DETR checkpoint for the plugin.
+"""Convert an MMDetection 3.x Deformable or Conditional DETR checkpoint for
+the plugin.
 
 Usage::
 
@@ -23,13 +24,14 @@ import torch
 
 from ddetr_plugin.converters import (convert_mmdet_state_dict,
                                      load_into_config_model, save_converted)
+from ddetr_plugin.converters.layouts import detector_of
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
-        description='Convert an MMDetection 3.x Deformable DETR checkpoint '
-        'to the ddetr_plugin layout.')
+        description='Convert an MMDetection 3.x Deformable or Conditional '
+        'DETR checkpoint to the ddetr_plugin layout.')
     parser.add_argument('input', help='MMDetection checkpoint (.pth)')
     parser.add_argument('output', help='where to write the plugin checkpoint')
     parser.add_argument(
@@ -73,15 +75,15 @@ def read_state_dict(path: str, trust: bool) -> dict:
 def main(argv: Optional[list] = None) -> None:
     """Convert ``input`` to ``output``."""
     args = parse_args(argv)
-    converted = convert_mmdet_state_dict(
-        read_state_dict(args.input, args.trust_input))
+    state_dict = read_state_dict(args.input, args.trust_input)
+    converted = convert_mmdet_state_dict(state_dict)
     if args.config:
         load_into_config_model(converted, args.config)
     save_converted(
         converted,
         args.output,
         converted_from=osp.basename(args.input),
-        source_layout='mmdet 3.x DeformableDETR')
+        source_layout=f'mmdet 3.x {detector_of(state_dict)}')
     print(f'Wrote {len(converted)} tensors to {args.output}')
 
 

@@ -18,23 +18,15 @@ import copy
 from typing import List, Optional, Tuple
 
 import torch
-from mmdet.models.layers import inverse_sigmoid
-from mmdet.structures.bbox import bbox_cxcywh_to_xyxy
 from mmengine.model import bias_init_with_prob
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from ddetr_plugin.models.layers.mlp import build_mlp
 from ddetr_plugin.registry import MODELS
-from .set_prediction_head import SetPredictionHead
-
-DEFAULT_TRAIN_CFG = dict(
-    assigner=dict(
-        type='HungarianAssigner',
-        match_costs=[
-            dict(type='FocalLossCost', weight=2.0),
-            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-            dict(type='IoUCost', iou_mode='giou', weight=2.0)
-        ]))
+from .set_prediction_head import (DEFAULT_TEST_CFG, DEFAULT_TRAIN_CFG,
+                                  FOCAL_LOSS, GIOU_LOSS, L1_LOSS,
+                                  SetPredictionHead, box_logits)
 
 
 @MODELS.register_module()
@@ -74,16 +66,11 @@ class DeformableDETRHead(SetPredictionHead):
                  embed_dims: int = 256,
                  num_reg_fcs: int = 2,
                  sync_cls_avg_factor: bool = False,
-                 loss_cls: dict = dict(
-                     type='FocalLoss',
-                     use_sigmoid=True,
-                     gamma=2.0,
-                     alpha=0.25,
-                     loss_weight=2.0),
-                 loss_bbox: dict = dict(type='L1Loss', loss_weight=5.0),
-                 loss_iou: dict = dict(type='GIoULoss', loss_weight=2.0),
+                 loss_cls: dict = FOCAL_LOSS,
+                 loss_bbox: dict = L1_LOSS,
+                 loss_iou: dict = GIOU_LOSS,
                  train_cfg: Optional[dict] = DEFAULT_TRAIN_CFG,
-                 test_cfg: Optional[dict] = dict(max_per_img=100),
+                 test_cfg: Optional[dict] = DEFAULT_TEST_CFG,
                  share_pred_layer: bool = False,
                  num_pred_layer: int = 6,
                  as_two_stage: bool = False,
@@ -91,11 +78,11 @@ class DeformableDETRHead(SetPredictionHead):
         super().__init__(
             num_classes=num_classes,
             sync_cls_avg_factor=sync_cls_avg_factor,
-            loss_cls=copy.deepcopy(loss_cls),
-            loss_bbox=copy.deepcopy(loss_bbox),
-            loss_iou=copy.deepcopy(loss_iou),
-            train_cfg=copy.deepcopy(train_cfg),
-            test_cfg=copy.deepcopy(test_cfg),
+            loss_cls=loss_cls,
+            loss_bbox=loss_bbox,
+            loss_iou=loss_iou,
+            train_cfg=train_cfg,
+            test_cfg=test_cfg,
             init_cfg=init_cfg)
         if num_pred_layer < 1:
             raise ValueError('num_pred_layer must be at least 1, got '
@@ -111,14 +98,8 @@ class DeformableDETRHead(SetPredictionHead):
         """Build ``cls_branches`` and ``reg_branches``, one per prediction
         layer (the same module repeated when ``share_pred_layer``)."""
         cls_branch = nn.Linear(self.embed_dims, self.cls_out_channels)
-        reg_layers = []
-        for _ in range(self.num_reg_fcs):
-            reg_layers += [
-                nn.Linear(self.embed_dims, self.embed_dims),
-                nn.ReLU()
-            ]
-        reg_layers.append(nn.Linear(self.embed_dims, 4))
-        reg_branch = nn.Sequential(*reg_layers)
+        reg_branch = build_mlp(self.embed_dims, self.embed_dims, 4,
+                               self.num_reg_fcs + 1)
 
         if self.share_pred_layer:
             cls_branches = [cls_branch] * self.num_pred_layer
@@ -149,31 +130,12 @@ class DeformableDETRHead(SetPredictionHead):
             # already boxes (the proposals), so the delta starts at 0.
             nn.init.constant_(self.reg_branches[0][-1].bias[2:], -2.0)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
-                              **kwargs) -> None:
-        """Explain a class-count mismatch with a checkpoint before PyTorch
-        reports the bare size mismatch."""
-        error_msgs = args[-1] if args else kwargs.get('error_msgs')
-        for index in range(self.num_pred_layer):
-            key = f'{prefix}cls_branches.{index}.weight'
-            if key not in state_dict or error_msgs is None:
-                continue
-            rows = state_dict[key].shape[0]
-            if rows != self.cls_out_channels:
-                hint = ''
-                if rows == 91:
-                    hint = (' (91 rows is the layout of the official '
-                            'Deformable-DETR COCO checkpoints: convert them '
-                            'with tools/model_converters/'
-                            'official_to_plugin.py)')
-                error_msgs.append(
-                    f'{key}: the checkpoint classifies {rows} classes but '
-                    f'the head was built with num_classes='
-                    f'{self.num_classes}{hint}; set num_classes to match '
-                    'the checkpoint, or load it non-strictly to train a '
-                    'new classifier')
-                break
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def classifier_weight_names(self) -> List[str]:
+        """``cls_branches.{i}.weight`` of every prediction layer."""
+        return [
+            f'cls_branches.{index}.weight'
+            for index in range(self.num_pred_layer)
+        ]
 
     def forward(self, hidden_states: Tensor,
                 references: List[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -214,24 +176,12 @@ class DeformableDETRHead(SetPredictionHead):
         all_layers_cls_scores, all_layers_bbox_preds = [], []
         for layer_index in range(num_layers):
             hidden_state = hidden_states[layer_index]
-            reference = inverse_sigmoid(references[layer_index])
             cls_scores = self.cls_branches[layer_index](hidden_state)
             box_delta = self.reg_branches[layer_index](hidden_state)
-            if reference.shape[-1] == 4:
-                box_logits = box_delta + reference
-            elif reference.shape[-1] == 2:
-                # A point reference only anchors the centre; width and
-                # height come from the delta alone.
-                box_logits = torch.cat(
-                    [box_delta[..., :2] + reference, box_delta[..., 2:]],
-                    dim=-1)
-            else:
-                raise ValueError(
-                    f'reference {layer_index} must end in 2 (cx, cy) or 4 '
-                    '(cx, cy, w, h) coordinates, got shape '
-                    f'{tuple(reference.shape)}')
+            all_layers_bbox_preds.append(
+                box_logits(box_delta, references[layer_index],
+                           f'reference {layer_index}').sigmoid())
             all_layers_cls_scores.append(cls_scores)
-            all_layers_bbox_preds.append(box_logits.sigmoid())
         return (torch.stack(all_layers_cls_scores),
                 torch.stack(all_layers_bbox_preds))
 
@@ -268,70 +218,6 @@ class DeformableDETRHead(SetPredictionHead):
                                  enc_outputs_class, enc_outputs_coord,
                                  batch_gt_instances, batch_img_metas)
 
-    def loss_by_feat(self,
-                     all_layers_cls_scores: Tensor,
-                     all_layers_bbox_preds: Tensor,
-                     enc_cls_scores: Optional[Tensor],
-                     enc_bbox_preds: Optional[Tensor],
-                     batch_gt_instances: List[InstanceData],
-                     batch_img_metas: List[dict],
-                     batch_gt_instances_ignore: Optional[list] = None) -> dict:
-        """Losses from the head's outputs.
-
-        Args:
-            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
-                num_classes) logits.
-            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
-                normalised (cx, cy, w, h).
-            enc_cls_scores (Tensor, optional): (bs, num_feat_points,
-                num_classes) encoder proposal logits, or None.
-            enc_bbox_preds (Tensor, optional): (bs, num_feat_points, 4)
-                encoder proposals, or None.
-            batch_gt_instances (list[InstanceData]): ``labels`` (num_gts,)
-                and pixel ``bboxes`` (num_gts, 4) (x1, y1, x2, y2) per
-                image.
-            batch_img_metas (list[dict]): Meta per image (``img_shape``).
-            batch_gt_instances_ignore (list, optional): Unsupported; must
-                be None.
-
-        Returns:
-            dict[str, Tensor]: See :meth:`loss`.
-        """
-        if batch_gt_instances_ignore is not None:
-            raise ValueError(f'{type(self).__name__} does not support '
-                             'ignored ground truth; pass None')
-        num_layers = all_layers_cls_scores.shape[0]
-        layer_outputs = [(all_layers_cls_scores[index],
-                          all_layers_bbox_preds[index], batch_gt_instances)
-                         for index in range(num_layers)]
-        if enc_cls_scores is not None:
-            # Proposals are class-agnostic: every object is class 0.
-            proposal_gt_instances = []
-            for gt_instances in batch_gt_instances:
-                agnostic = gt_instances.clone()
-                agnostic.labels = torch.zeros_like(gt_instances.labels)
-                proposal_gt_instances.append(agnostic)
-            layer_outputs.append(
-                (enc_cls_scores, enc_bbox_preds, proposal_gt_instances))
-        # One matching call for all layers: one wait for the device.
-        all_assign_results = self.match(layer_outputs, batch_img_metas)
-
-        losses = dict()
-        for index, (outputs, assign_results) in enumerate(
-                zip(layer_outputs, all_assign_results)):
-            loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
-                *outputs, batch_img_metas, assign_results)
-            if index == num_layers:
-                prefix = 'enc_'
-            elif index == num_layers - 1:
-                prefix = ''
-            else:
-                prefix = f'd{index}.'
-            losses[f'{prefix}loss_cls'] = loss_cls
-            losses[f'{prefix}loss_bbox'] = loss_bbox
-            losses[f'{prefix}loss_iou'] = loss_iou
-        return losses
-
     def predict(self,
                 hidden_states: Tensor,
                 references: List[Tensor],
@@ -360,69 +246,3 @@ class DeformableDETRHead(SetPredictionHead):
             all_layers_bbox_preds,
             batch_img_metas=batch_img_metas,
             rescale=rescale)
-
-    def predict_by_feat(self,
-                        all_layers_cls_scores: Tensor,
-                        all_layers_bbox_preds: Tensor,
-                        batch_img_metas: List[dict],
-                        rescale: bool = False) -> List[InstanceData]:
-        """Detections from the head's outputs (last layer only).
-
-        Args:
-            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
-                num_classes) logits.
-            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
-                normalised (cx, cy, w, h).
-            batch_img_metas (list[dict]): Meta per image: ``img_shape`` and,
-                with ``rescale``, ``scale_factor`` (w_scale, h_scale).
-            rescale (bool): See :meth:`predict`. Defaults to False.
-
-        Returns:
-            list[InstanceData]: See :meth:`predict`.
-        """
-        cls_scores = all_layers_cls_scores[-1]
-        bbox_preds = all_layers_bbox_preds[-1]
-        return [
-            self._predict_single(cls_scores[index], bbox_preds[index],
-                                 img_meta, rescale)
-            for index, img_meta in enumerate(batch_img_metas)
-        ]
-
-    def _predict_single(self, cls_scores: Tensor, bbox_preds: Tensor,
-                        img_meta: dict, rescale: bool) -> InstanceData:
-        """Top-scoring (query, class) pairs of one image.
-
-        Args:
-            cls_scores (Tensor): (num_queries, num_classes) logits.
-            bbox_preds (Tensor): (num_queries, 4) normalised (cx, cy, w, h).
-            img_meta (dict): Meta of the image.
-            rescale (bool): See :meth:`predict`.
-
-        Returns:
-            InstanceData: ``scores``, ``labels``, ``bboxes``.
-        """
-        num_queries, num_classes = cls_scores.shape
-        max_per_img = self.test_cfg.get('max_per_img', num_queries)
-        # A query may detect several classes: rank all (query, class) pairs.
-        scores, pair_indices = cls_scores.sigmoid().view(-1).topk(
-            min(max_per_img, num_queries * num_classes))
-        labels = pair_indices % num_classes
-        query_indices = pair_indices // num_classes
-
-        height, width = img_meta['img_shape'][:2]
-        boxes = bbox_cxcywh_to_xyxy(bbox_preds[query_indices])
-        boxes[:, 0::2] = (boxes[:, 0::2] * width).clamp(min=0, max=width)
-        boxes[:, 1::2] = (boxes[:, 1::2] * height).clamp(min=0, max=height)
-        if rescale:
-            if img_meta.get('scale_factor') is None:
-                raise KeyError(
-                    'rescale=True maps boxes back to the original image and '
-                    "needs img_meta['scale_factor'] = (w_scale, h_scale); "
-                    f'meta keys: {sorted(img_meta)}')
-            boxes /= boxes.new_tensor(img_meta['scale_factor']).repeat((1, 2))
-
-        results = InstanceData()
-        results.bboxes = boxes
-        results.scores = scores
-        results.labels = labels
-        return results

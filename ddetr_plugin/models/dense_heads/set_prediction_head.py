@@ -11,6 +11,7 @@ ground-truth boxes, averaged over processes in distributed training.
 Shape shorthand used in this file: ``bs`` images, ``num_queries``
 predictions per image, ``num_classes`` classes (no background logit).
 """
+import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -21,8 +22,49 @@ from mmengine.model import BaseModule
 from mmengine.structures import InstanceData
 from torch import Tensor
 
+from ddetr_plugin.models.layers.decoder import inverse_sigmoid
 from ddetr_plugin.models.task_modules.assigners import MATCHED_PAIRS
 from ddetr_plugin.registry import MODELS, TASK_UTILS
+
+# The losses and matching costs of Deformable DETR, which Conditional DETR
+# shares (sigmoid focal classification, L1 and GIoU boxes).
+FOCAL_LOSS = dict(
+    type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0)
+L1_LOSS = dict(type='L1Loss', loss_weight=5.0)
+GIOU_LOSS = dict(type='GIoULoss', loss_weight=2.0)
+DEFAULT_TRAIN_CFG = dict(
+    assigner=dict(
+        type='HungarianAssigner',
+        match_costs=[
+            dict(type='FocalLossCost', weight=2.0),
+            dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
+            dict(type='IoUCost', iou_mode='giou', weight=2.0)
+        ]))
+DEFAULT_TEST_CFG = dict(max_per_img=100)
+
+
+def box_logits(deltas: Tensor, reference: Tensor, name: str) -> Tensor:
+    """Box logits: predicted deltas added to a reference in logit space.
+
+    Args:
+        deltas (Tensor): (..., 4) predicted (cx, cy, w, h) deltas.
+        reference (Tensor): (..., 2) normalised (cx, cy) or (..., 4)
+            normalised (cx, cy, w, h).
+        name (str): What the reference is, for the error message.
+
+    Returns:
+        Tensor: (..., 4) logits of normalised (cx, cy, w, h).
+    """
+    reference = inverse_sigmoid(reference)
+    if reference.shape[-1] == 4:
+        return deltas + reference
+    if reference.shape[-1] == 2:
+        # A point reference only anchors the centre; width and height come
+        # from the delta alone.
+        return torch.cat([deltas[..., :2] + reference, deltas[..., 2:]],
+                         dim=-1)
+    raise ValueError(f'{name} must end in 2 (cx, cy) or 4 (cx, cy, w, h) '
+                     f'coordinates, got shape {tuple(reference.shape)}')
 
 
 def image_size_factors(batch_img_metas: List[dict],
@@ -88,11 +130,13 @@ class SetPredictionHead(BaseModule):
                              f'{num_classes!r}')
         self.num_classes = num_classes
         self.sync_cls_avg_factor = sync_cls_avg_factor
+        train_cfg = copy.deepcopy(train_cfg)
         self.train_cfg = train_cfg
-        self.test_cfg = test_cfg if test_cfg is not None else dict()
-        self.loss_cls = MODELS.build(loss_cls)
-        self.loss_bbox = MODELS.build(loss_bbox)
-        self.loss_iou = MODELS.build(loss_iou)
+        self.test_cfg = copy.deepcopy(test_cfg) if test_cfg is not None \
+            else dict()
+        self.loss_cls = MODELS.build(copy.deepcopy(loss_cls))
+        self.loss_bbox = MODELS.build(copy.deepcopy(loss_bbox))
+        self.loss_iou = MODELS.build(copy.deepcopy(loss_iou))
         if not getattr(self.loss_cls, 'use_sigmoid', False):
             raise ValueError(
                 f'{type(self).__name__} scores each class with a sigmoid '
@@ -112,6 +156,37 @@ class SetPredictionHead(BaseModule):
                     'queries as objects, the rest as background) and takes '
                     'no sampler; remove train_cfg.sampler')
             self.assigner = TASK_UTILS.build(train_cfg['assigner'])
+
+    def classifier_weight_names(self) -> List[str]:
+        """Names of the classification layers' weights in the head's state
+        dict (their first axis is the number of classes)."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args,
+                              **kwargs) -> None:
+        """Explain a class-count mismatch with a checkpoint before PyTorch
+        reports the bare size mismatch."""
+        error_msgs = args[-1] if args else kwargs.get('error_msgs')
+        for name in self.classifier_weight_names():
+            key = prefix + name
+            if key not in state_dict or error_msgs is None:
+                continue
+            rows = state_dict[key].shape[0]
+            if rows != self.cls_out_channels:
+                hint = ''
+                if rows == 91:
+                    hint = (' (91 rows is the layout of the official '
+                            'Deformable-DETR and ConditionalDETR COCO '
+                            'checkpoints: convert them with '
+                            'tools/model_converters/official_to_plugin.py)')
+                error_msgs.append(
+                    f'{key}: the checkpoint classifies {rows} classes but '
+                    f'the head was built with num_classes='
+                    f'{self.num_classes}{hint}; set num_classes to match '
+                    'the checkpoint, or load it non-strictly to train a '
+                    'new classifier')
+                break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def match(self, layer_outputs: List[Tuple[Tensor, Tensor, list]],
               batch_img_metas: List[dict]) -> List[list]:
@@ -288,3 +363,133 @@ class SetPredictionHead(BaseModule):
         loss_bbox = self.loss_bbox(
             bbox_preds, bbox_targets, bbox_weights, avg_factor=num_objects)
         return loss_cls, loss_bbox, loss_iou
+
+    def loss_by_feat(self,
+                     all_layers_cls_scores: Tensor,
+                     all_layers_bbox_preds: Tensor,
+                     enc_cls_scores: Optional[Tensor],
+                     enc_bbox_preds: Optional[Tensor],
+                     batch_gt_instances: List[InstanceData],
+                     batch_img_metas: List[dict],
+                     batch_gt_instances_ignore: Optional[list] = None) -> dict:
+        """Losses from the head's outputs.
+
+        Args:
+            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
+                num_classes) logits.
+            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
+                normalised (cx, cy, w, h).
+            enc_cls_scores (Tensor, optional): (bs, num_feat_points,
+                num_classes) encoder proposal logits, or None.
+            enc_bbox_preds (Tensor, optional): (bs, num_feat_points, 4)
+                encoder proposals, or None.
+            batch_gt_instances (list[InstanceData]): ``labels`` (num_gts,)
+                and pixel ``bboxes`` (num_gts, 4) (x1, y1, x2, y2) per
+                image.
+            batch_img_metas (list[dict]): Meta per image (``img_shape``).
+            batch_gt_instances_ignore (list, optional): Unsupported; must
+                be None.
+
+        Returns:
+            dict[str, Tensor]: See :meth:`loss`.
+        """
+        if batch_gt_instances_ignore is not None:
+            raise ValueError(f'{type(self).__name__} does not support '
+                             'ignored ground truth; pass None')
+        num_layers = all_layers_cls_scores.shape[0]
+        layer_outputs = [(all_layers_cls_scores[index],
+                          all_layers_bbox_preds[index], batch_gt_instances)
+                         for index in range(num_layers)]
+        if enc_cls_scores is not None:
+            # Proposals are class-agnostic: every object is class 0.
+            proposal_gt_instances = []
+            for gt_instances in batch_gt_instances:
+                agnostic = gt_instances.clone()
+                agnostic.labels = torch.zeros_like(gt_instances.labels)
+                proposal_gt_instances.append(agnostic)
+            layer_outputs.append(
+                (enc_cls_scores, enc_bbox_preds, proposal_gt_instances))
+        # One matching call for all layers: one wait for the device.
+        all_assign_results = self.match(layer_outputs, batch_img_metas)
+
+        losses = dict()
+        for index, (outputs, assign_results) in enumerate(
+                zip(layer_outputs, all_assign_results)):
+            loss_cls, loss_bbox, loss_iou = self.loss_of_layer(
+                *outputs, batch_img_metas, assign_results)
+            if index == num_layers:
+                prefix = 'enc_'
+            elif index == num_layers - 1:
+                prefix = ''
+            else:
+                prefix = f'd{index}.'
+            losses[f'{prefix}loss_cls'] = loss_cls
+            losses[f'{prefix}loss_bbox'] = loss_bbox
+            losses[f'{prefix}loss_iou'] = loss_iou
+        return losses
+
+    def predict_by_feat(self,
+                        all_layers_cls_scores: Tensor,
+                        all_layers_bbox_preds: Tensor,
+                        batch_img_metas: List[dict],
+                        rescale: bool = False) -> List[InstanceData]:
+        """Detections from the head's outputs (last layer only).
+
+        Args:
+            all_layers_cls_scores (Tensor): (num_layers, bs, num_queries,
+                num_classes) logits.
+            all_layers_bbox_preds (Tensor): (num_layers, bs, num_queries, 4)
+                normalised (cx, cy, w, h).
+            batch_img_metas (list[dict]): Meta per image: ``img_shape`` and,
+                with ``rescale``, ``scale_factor`` (w_scale, h_scale).
+            rescale (bool): See :meth:`predict`. Defaults to False.
+
+        Returns:
+            list[InstanceData]: See :meth:`predict`.
+        """
+        cls_scores = all_layers_cls_scores[-1]
+        bbox_preds = all_layers_bbox_preds[-1]
+        return [
+            self._predict_single(cls_scores[index], bbox_preds[index],
+                                 img_meta, rescale)
+            for index, img_meta in enumerate(batch_img_metas)
+        ]
+
+    def _predict_single(self, cls_scores: Tensor, bbox_preds: Tensor,
+                        img_meta: dict, rescale: bool) -> InstanceData:
+        """Top-scoring (query, class) pairs of one image.
+
+        Args:
+            cls_scores (Tensor): (num_queries, num_classes) logits.
+            bbox_preds (Tensor): (num_queries, 4) normalised (cx, cy, w, h).
+            img_meta (dict): Meta of the image.
+            rescale (bool): See :meth:`predict`.
+
+        Returns:
+            InstanceData: ``scores``, ``labels``, ``bboxes``.
+        """
+        num_queries, num_classes = cls_scores.shape
+        max_per_img = self.test_cfg.get('max_per_img', num_queries)
+        # A query may detect several classes: rank all (query, class) pairs.
+        scores, pair_indices = cls_scores.sigmoid().view(-1).topk(
+            min(max_per_img, num_queries * num_classes))
+        labels = pair_indices % num_classes
+        query_indices = pair_indices // num_classes
+
+        height, width = img_meta['img_shape'][:2]
+        boxes = bbox_cxcywh_to_xyxy(bbox_preds[query_indices])
+        boxes[:, 0::2] = (boxes[:, 0::2] * width).clamp(min=0, max=width)
+        boxes[:, 1::2] = (boxes[:, 1::2] * height).clamp(min=0, max=height)
+        if rescale:
+            if img_meta.get('scale_factor') is None:
+                raise KeyError(
+                    'rescale=True maps boxes back to the original image and '
+                    "needs img_meta['scale_factor'] = (w_scale, h_scale); "
+                    f'meta keys: {sorted(img_meta)}')
+            boxes /= boxes.new_tensor(img_meta['scale_factor']).repeat((1, 2))
+
+        results = InstanceData()
+        results.bboxes = boxes
+        results.scores = scores
+        results.labels = labels
+        return results

@@ -40,9 +40,12 @@ def check_flag(key: str, value) -> None:
                         f'{key}=True or {key}=False.')
 
 
-def transformer_config(transformer: Optional[dict], encoder: Optional[dict],
+def transformer_config(transformer: Optional[dict],
+                       encoder: Optional[dict],
                        decoder: Optional[dict],
-                       positional_encoding: Optional[dict]) -> dict:
+                       positional_encoding: Optional[dict],
+                       transformer_type: str = 'DeformableDetrTransformer',
+                       detector: str = 'DeformableDETR') -> dict:
     """The transformer config, from the plugin's layout or mmdet's.
 
     The plugin's configs give one ``transformer`` dict; mmdet 3.3.0's give
@@ -56,9 +59,13 @@ def transformer_config(transformer: Optional[dict], encoder: Optional[dict],
         encoder (dict, optional): mmdet's encoder config.
         decoder (dict, optional): mmdet's decoder config.
         positional_encoding (dict, optional): mmdet's positional encoding.
+        transformer_type (str): The plugin's transformer class built from
+            mmdet's layout. Defaults to ``'DeformableDetrTransformer'``.
+        detector (str): The detector's name, for the messages. Defaults to
+            ``'DeformableDETR'``.
 
     Returns:
-        dict: A ``DeformableDetrTransformer`` config.
+        dict: A ``transformer_type`` config.
 
     Raises:
         ValueError: If both layouts or neither are given.
@@ -72,7 +79,7 @@ def transformer_config(transformer: Optional[dict], encoder: Optional[dict],
     if transformer is not None:
         if given:
             raise ValueError(
-                'DeformableDETR: give model.transformer (the plugin\'s '
+                f'{detector}: give model.transformer (the plugin\'s '
                 'layout) or model.encoder, model.decoder and '
                 'model.positional_encoding (mmdet\'s layout), not both; got '
                 f'transformer and {given}. A config inheriting from the '
@@ -82,10 +89,10 @@ def transformer_config(transformer: Optional[dict], encoder: Optional[dict],
     missing = sorted(set(mmdet_style) - set(given))
     if missing:
         raise ValueError(
-            'DeformableDETR needs model.transformer, or model.encoder, '
+            f'{detector} needs model.transformer, or model.encoder, '
             'model.decoder and model.positional_encoding as in mmdet\'s '
             f'configs; model.{", model.".join(missing)} missing.')
-    return dict(type='DeformableDetrTransformer', **mmdet_style)
+    return dict(type=transformer_type, **mmdet_style)
 
 
 def check_training_classes(detector, args) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .feedforward import FeedForward
 from .ms_deform_attn import MultiScaleDeformableAttention
+from .multihead_attention import build_self_attention, self_attend
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -49,20 +50,9 @@ class DeformableDetrDecoderLayer(BaseModule):
                  ffn_cfg: dict,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        self_attn_cfg = dict(self_attn_cfg)
-        self_attn_cfg.pop('batch_first', None)  # always batch first here
-        unknown = set(self_attn_cfg) - {'embed_dims', 'num_heads', 'dropout'}
-        if unknown:
-            raise ValueError(
-                'DeformableDetrDecoderLayer: self_attn_cfg takes embed_dims, '
-                f'num_heads and dropout; got also {sorted(unknown)}.')
-        dropout = self_attn_cfg.get('dropout', 0.0)
-        self.self_attn = nn.MultiheadAttention(
-            self_attn_cfg.get('embed_dims', 256),
-            self_attn_cfg.get('num_heads', 8),
-            dropout=dropout,
-            batch_first=True)
-        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn, self.self_attn_dropout = build_self_attention(
+            self_attn_cfg,
+            type(self).__name__)
         self.embed_dims = self.self_attn.embed_dim
         self.self_attn_norm = nn.LayerNorm(self.embed_dims)
         self.cross_attn = MultiScaleDeformableAttention(
@@ -92,9 +82,7 @@ class DeformableDetrDecoderLayer(BaseModule):
         Returns:
             Tensor: (bs, num_queries, embed_dims).
         """
-        query_with_pos = query + query_pos
-        attended = self.self_attn(
-            query_with_pos, query_with_pos, query, need_weights=False)[0]
+        attended = self_attend(self.self_attn, query, query_pos)
         query = self.self_attn_norm(query + self.self_attn_dropout(attended))
         query = self.cross_attn(
             query=query,

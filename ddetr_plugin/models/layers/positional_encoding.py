@@ -182,3 +182,31 @@ def proposal_positional_encoding(proposals: Tensor,
     frequencies = _frequencies(num_feats, temperature, proposals.device)
     angles = proposals.sigmoid() * (2 * math.pi)
     return _interleave_sin_cos(angles[..., None] / frequencies).flatten(2)
+
+
+def point_positional_encoding(points: Tensor,
+                              num_feats: int = 128,
+                              temperature: float = 10000) -> Tensor:
+    """Sine encoding of normalised points, the encoding of a map's pixels.
+
+    A point at normalised (x, y) gets the channels a pixel at that place
+    gets from :class:`SinePositionalEncoding` with ``normalize=True``
+    (scale 2 pi, y's channels first), so queries and keys compare their
+    positions in one embedding (Conditional DETR's spatial query).
+
+    Args:
+        points (Tensor): (..., 2) normalised (x, y) in [0, 1].
+        num_feats (int): Channels per axis. Defaults to 128.
+        temperature (float): Base of the frequencies. Defaults to 10000.
+
+    Returns:
+        Tensor: (..., 2 * num_feats), y's channels first.
+    """
+    if points.shape[-1] != 2:
+        raise ValueError('point_positional_encoding expects (..., 2) '
+                         f'points (x, y), got shape {tuple(points.shape)}.')
+    frequencies = _frequencies(num_feats, temperature, points.device)
+    angles = points * (2 * math.pi)
+    pos_x = _interleave_sin_cos(angles[..., 0, None] / frequencies)
+    pos_y = _interleave_sin_cos(angles[..., 1, None] / frequencies)
+    return torch.cat((pos_y, pos_x), dim=-1)
