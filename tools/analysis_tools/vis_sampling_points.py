@@ -29,19 +29,17 @@ from typing import List, Optional
 sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-import mmcv
-import numpy as np
 import torch
-from mmdet.apis import init_detector
 from mmengine.config import DictAction
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import checkpoint_check, launch
 from ddetr_plugin.models.layers.transformer import DeformableDetrTransformer
 from ddetr_plugin.visualization import (QueryPoints, encoder_query_index,
                                         inference_pipeline, probe_image,
                                         query_points, resolve_layer,
                                         select_detections)
+from ddetr_plugin.visualization.tool_inputs import (load_checked_model,
+                                                    read_image)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -101,29 +99,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def read_image(path: str) -> np.ndarray:
-    """The image as (h, w, 3) RGB, or an error naming the file."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'image {path!r} does not exist')
-    try:
-        image = mmcv.imread(path)
-    except Exception as error:  # the decoders raise various types
-        raise ValueError(f'could not read image {path!r}: {error}') from error
-    if image is None:
-        raise ValueError(
-            f'could not read image {path!r}: OpenCV cannot decode it; give '
-            'a PNG, JPEG, BMP or TIFF file')
-    return mmcv.bgr2rgb(image)
-
-
 def load_model(config: str, checkpoint: str, device: str,
                cfg_options: Optional[dict]):
     """The config's model with the checkpoint's weights, checked strictly."""
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-    cfg = launch.load_config(config, cfg_options)
-    model = init_detector(cfg, checkpoint, device=device)
-    checkpoint_check.check_checkpoint_matches(model, checkpoint, config)
+    cfg, model = load_checked_model(config, checkpoint, device, cfg_options)
     if not isinstance(
             getattr(model, 'transformer', None), DeformableDetrTransformer):
         raise TypeError(
@@ -131,7 +110,7 @@ def load_model(config: str, checkpoint: str, device: str,
             'plugin\'s DeformableDetrTransformer; this tool draws the '
             'plugin\'s Deformable DETR (model.type=\'DeformableDETR\' in '
             'the ddetr_plugin scope)')
-    return cfg, model.eval()
+    return cfg, model
 
 
 def _point_summary(query: QueryPoints) -> dict:
