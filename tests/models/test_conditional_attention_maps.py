@@ -270,6 +270,27 @@ def test_upsampling_of_a_flat_map_stays_flat_up_to_the_padding():
     assert image_maps[0, 255].max() < 1
 
 
+def test_upsampling_reads_each_pixel_centre_between_cell_centres():
+    # Maps equal to the column (the row) index: bilinear reading gives at
+    # every pixel between the first and last cell centres the pixel
+    # centre's position in cells, (x + 0.5) / cell_width - 0.5.
+    meta = dict(
+        batch_input_shape=SIZES[1],
+        scale_factor=SCALE,
+        ori_shape=(int(SIZES[1][0] / SCALE[1]), int(SIZES[1][1] / SCALE[0])))
+    grid = feature_grid((6, 6), meta)
+    rows, columns = torch.meshgrid(
+        torch.arange(6.0), torch.arange(6.0), indexing='ij')
+    image_maps = upsample(torch.stack((columns, rows)), grid)
+    cell_width, cell_height = grid.cell_size.tolist()
+    xs = torch.arange(int(cell_width / 2), int(5.5 * cell_width))
+    ys = torch.arange(int(cell_height / 2), int(5.5 * cell_height))
+    torch.testing.assert_close(image_maps[0, 0, xs],
+                               (xs + 0.5) / cell_width - 0.5)
+    torch.testing.assert_close(image_maps[1, ys, 0],
+                               (ys + 0.5) / cell_height - 0.5)
+
+
 def test_capture_refuses_what_it_cannot_record():
     with pytest.raises(TypeError, match='Linear'):
         ConditionalAttentionCapture(dict(wrong=torch.nn.Linear(2, 2)))
