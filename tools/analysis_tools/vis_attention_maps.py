@@ -27,7 +27,6 @@ sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 import torch
-from mmengine.config import DictAction
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.models.layers.conditional_transformer import \
@@ -40,47 +39,14 @@ from ddetr_plugin.visualization.conditional_probe import (
     probe_conditional_image, query_maps)
 from ddetr_plugin.visualization.feature_grid import peaks, upsample
 from ddetr_plugin.visualization.tool_inputs import (load_checked_model,
+                                                    parse_tool_arguments,
                                                     read_image)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description='Draw the spatial, content and combined cross-attention '
-        'maps of Conditional DETR behind the detections of one image')
-    parser.add_argument('image', help='the image file')
-    parser.add_argument('config', help='config file of the model')
-    parser.add_argument('checkpoint', help='checkpoint of the model')
-    parser.add_argument(
-        '--out-dir', required=True, help='folder for the pictures')
-    parser.add_argument(
-        '--layer',
-        type=int,
-        default=-1,
-        help='decoder layer whose cross-attention is drawn; negative counts '
-        'from the last (default -1)')
-    parser.add_argument(
-        '--score-thr',
-        type=float,
-        default=0.3,
-        help='draw detections scoring at least this (default 0.3)')
-    parser.add_argument(
-        '--max-dets',
-        type=int,
-        default=5,
-        help='draw at most this many detections, best first (default 5)')
-    parser.add_argument(
-        '--device',
-        default='cuda:0' if torch.cuda.is_available() else 'cpu',
-        help='device to run on')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, as key=value pairs')
-    args = parser.parse_args(argv)
-    if args.max_dets < 0:
-        parser.error(f'--max-dets must be 0 or more, got {args.max_dets}')
-    return args
+    return parse_tool_arguments(
+        'Draw the spatial, content and combined cross-attention maps of '
+        'Conditional DETR behind the detections of one image', argv)
 
 
 def load_model(config: str, checkpoint: str, device: str,

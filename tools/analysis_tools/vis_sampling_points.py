@@ -29,9 +29,6 @@ from typing import List, Optional
 sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-import torch
-from mmengine.config import DictAction
-
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.models.layers.transformer import DeformableDetrTransformer
 from ddetr_plugin.visualization import (QueryPoints, encoder_query_index,
@@ -39,34 +36,11 @@ from ddetr_plugin.visualization import (QueryPoints, encoder_query_index,
                                         query_points, resolve_layer,
                                         select_detections)
 from ddetr_plugin.visualization.tool_inputs import (load_checked_model,
+                                                    parse_tool_arguments,
                                                     read_image)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description='Draw the sampling points and attention weights behind '
-        'the detections of one image')
-    parser.add_argument('image', help='the image file')
-    parser.add_argument('config', help='config file of the model')
-    parser.add_argument('checkpoint', help='checkpoint of the model')
-    parser.add_argument(
-        '--out-dir', required=True, help='folder for the pictures')
-    parser.add_argument(
-        '--score-thr',
-        type=float,
-        default=0.3,
-        help='draw detections scoring at least this (default 0.3)')
-    parser.add_argument(
-        '--layer',
-        type=int,
-        default=-1,
-        help='decoder layer whose cross-attention is drawn; negative counts '
-        'from the last (default -1)')
-    parser.add_argument(
-        '--max-dets',
-        type=int,
-        default=5,
-        help='draw at most this many detections, best first (default 5)')
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--encoder-pixel',
         type=float,
@@ -84,19 +58,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=0,
         help='feature level of the query of --encoder-pixel (default 0, the '
         'finest)')
-    parser.add_argument(
-        '--device',
-        default='cuda:0' if torch.cuda.is_available() else 'cpu',
-        help='device to run on')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, as key=value pairs')
-    args = parser.parse_args(argv)
-    if args.max_dets < 0:
-        parser.error(f'--max-dets must be 0 or more, got {args.max_dets}')
-    return args
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return parse_tool_arguments(
+        'Draw the sampling points and attention weights behind the '
+        'detections of one image', argv, add_encoder_arguments)
 
 
 def load_model(config: str, checkpoint: str, device: str,
