@@ -133,6 +133,8 @@ def test_bad_inputs_are_named(helpers, tiny, toy_data, tmp_path):
         run(image=str(tmp_path / 'missing.png'))
     with pytest.raises(FileNotFoundError, match='checkpoint .*missing.pth'):
         run(checkpoint=str(tmp_path / 'missing.pth'))
+    with pytest.raises(FileNotFoundError, match='config file .*missing.py'):
+        run(config=str(tmp_path / 'missing.py'))
     with pytest.raises(ValueError, match='decoder layer 2 is out of range'):
         run('--layer', '2')
     with pytest.raises(ValueError, match='decoder layer -3 is out of range'):
