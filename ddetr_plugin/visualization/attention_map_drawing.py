@@ -133,7 +133,9 @@ def draw_attention_maps(image: np.ndarray, detection: Detection,
     axes.imshow(image, extent=(0, width, height, 0), interpolation='nearest')
     axes.set_xlim(0, width)
     axes.set_ylim(height, 0)
-    _draw_box(axes, box, BOX_COLOUR, label)
+    # The class and score are in the title: a label on the box could hide
+    # the reference point.
+    _draw_box(axes, box, BOX_COLOUR, None)
     _mark_reference(axes, reference, 16)
     axes.set_title(
         f'{label}\ndecoder layer {layer}, query {query}', fontsize=10)
