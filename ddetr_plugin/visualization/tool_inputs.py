@@ -1,8 +1,9 @@
-"""The inputs of the visualisation tools: their common command-line
-arguments, an image and a checked model."""
+"""What the visualisation tools share: their common command-line
+arguments, the image, the checked model, the class names and the summary
+of a detection."""
 import argparse
 import os.path as osp
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mmcv
 import numpy as np
@@ -12,6 +13,7 @@ from mmengine.config import Config, DictAction
 from torch import nn
 
 from ddetr_plugin.engine import checkpoint_check, launch
+from .detector_probe import Detection
 
 
 def read_image(path: str) -> np.ndarray:
@@ -98,3 +100,22 @@ def parse_tool_arguments(
     if args.max_dets < 0:
         parser.error(f'--max-dets must be 0 or more, got {args.max_dets}')
     return args
+
+
+def class_names(model: nn.Module, num_classes: int) -> List[str]:
+    """The names of the model's classes: its ``dataset_meta``'s, and the
+    class index for the classes it does not name."""
+    classes = list((getattr(model, 'dataset_meta', None)
+                    or {}).get('classes', ()))
+    return classes + [str(label) for label in range(len(classes), num_classes)]
+
+
+def detection_summary(detection: Detection, names: Sequence[str]) -> dict:
+    """The JSON-ready fields of a detection."""
+    return dict(
+        rank=detection.rank,
+        query=detection.query,
+        label=detection.label,
+        class_name=names[detection.label],
+        score=detection.score,
+        box=detection.box.tolist())

@@ -38,7 +38,9 @@ from ddetr_plugin.visualization.conditional_attention_maps import MAP_KINDS
 from ddetr_plugin.visualization.conditional_probe import (
     probe_conditional_image, query_maps)
 from ddetr_plugin.visualization.feature_grid import peaks, upsample
-from ddetr_plugin.visualization.tool_inputs import (load_checked_model,
+from ddetr_plugin.visualization.tool_inputs import (class_names,
+                                                    detection_summary,
+                                                    load_checked_model,
                                                     parse_tool_arguments,
                                                     read_image)
 
@@ -100,11 +102,7 @@ def visualize(model,
     max_per_img = model.bbox_head.test_cfg.get('max_per_img',
                                                probe.cls_scores.shape[0])
     detections = select_detections(probe, max_per_img, score_thr, max_dets)
-    classes = list((getattr(model, 'dataset_meta', None)
-                    or {}).get('classes', ()))
-    class_names = classes + [
-        str(label) for label in range(len(classes), probe.cls_scores.shape[1])
-    ]
+    names = class_names(model, probe.cls_scores.shape[1])
     # Reference points are relative to the unpadded input, as the boxes:
     # the head's scaling gives original-image pixels.
     pixels = pixels_per_unit(probe.result.metainfo)
@@ -136,16 +134,11 @@ def visualize(model,
             for kind, locations in peak_locations.items()
         }
         draw_attention_maps(image, detection, reference.numpy(), image_maps,
-                            peak_pixels, class_names[detection.label],
+                            peak_pixels, names[detection.label],
                             probe.decoder_layer, detection.query, picture)
         summary['detections'].append(
             dict(
-                rank=detection.rank,
-                query=detection.query,
-                label=detection.label,
-                class_name=class_names[detection.label],
-                score=detection.score,
-                box=detection.box.tolist(),
+                detection_summary(detection, names),
                 reference=reference.tolist(),
                 picture=picture,
                 maps={kind: maps[kind].tolist()

@@ -35,7 +35,9 @@ from ddetr_plugin.visualization import (QueryPoints, encoder_query_index,
                                         inference_pipeline, probe_image,
                                         query_points, resolve_layer,
                                         select_detections)
-from ddetr_plugin.visualization.tool_inputs import (load_checked_model,
+from ddetr_plugin.visualization.tool_inputs import (class_names,
+                                                    detection_summary,
+                                                    load_checked_model,
                                                     parse_tool_arguments,
                                                     read_image)
 
@@ -138,11 +140,7 @@ def visualize(model,
     max_per_img = model.bbox_head.test_cfg.get('max_per_img',
                                                probe.cls_scores.shape[0])
     detections = select_detections(probe, max_per_img, score_thr, max_dets)
-    classes = list((getattr(model, 'dataset_meta', None)
-                    or {}).get('classes', ()))
-    class_names = classes + [
-        str(label) for label in range(len(classes), probe.cls_scores.shape[1])
-    ]
+    names = class_names(model, probe.cls_scores.shape[1])
 
     os.makedirs(out_dir, exist_ok=True)
     stem = osp.splitext(osp.basename(image_path))[0]
@@ -158,21 +156,16 @@ def visualize(model,
         queries.append(query)
         picture = osp.join(out_dir, f'{stem}_det{index}.png')
         outside = drawing.draw_detection(image, detection, query,
-                                         class_names[detection.label],
+                                         names[detection.label],
                                          probe.decoder_layer, picture)
         summary['detections'].append(
             dict(
-                rank=detection.rank,
-                query=detection.query,
-                label=detection.label,
-                class_name=class_names[detection.label],
-                score=detection.score,
-                box=detection.box.tolist(),
+                detection_summary(detection, names),
                 outside=outside,
                 picture=picture,
                 **_point_summary(query)))
     summary['overview'] = osp.join(out_dir, f'{stem}_overview.png')
-    drawing.draw_overview(image, detections, queries, class_names,
+    drawing.draw_overview(image, detections, queries, names,
                           probe.decoder_layer, summary['overview'])
     if encoder_pixel is not None:
         index = encoder_query_index(encoder_pixel, encoder_level,
