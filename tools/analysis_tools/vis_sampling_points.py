@@ -29,46 +29,20 @@ from typing import List, Optional
 sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-import mmcv
-import numpy as np
-import torch
-from mmdet.apis import init_detector
-from mmengine.config import DictAction
-
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.engine import checkpoint_check, launch
 from ddetr_plugin.models.layers.transformer import DeformableDetrTransformer
 from ddetr_plugin.visualization import (QueryPoints, encoder_query_index,
                                         inference_pipeline, probe_image,
                                         query_points, resolve_layer,
                                         select_detections)
+from ddetr_plugin.visualization.tool_inputs import (class_names,
+                                                    detection_summary,
+                                                    load_checked_model,
+                                                    parse_tool_arguments,
+                                                    read_image)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description='Draw the sampling points and attention weights behind '
-        'the detections of one image')
-    parser.add_argument('image', help='the image file')
-    parser.add_argument('config', help='config file of the model')
-    parser.add_argument('checkpoint', help='checkpoint of the model')
-    parser.add_argument(
-        '--out-dir', required=True, help='folder for the pictures')
-    parser.add_argument(
-        '--score-thr',
-        type=float,
-        default=0.3,
-        help='draw detections scoring at least this (default 0.3)')
-    parser.add_argument(
-        '--layer',
-        type=int,
-        default=-1,
-        help='decoder layer whose cross-attention is drawn; negative counts '
-        'from the last (default -1)')
-    parser.add_argument(
-        '--max-dets',
-        type=int,
-        default=5,
-        help='draw at most this many detections, best first (default 5)')
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--encoder-pixel',
         type=float,
@@ -86,44 +60,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=0,
         help='feature level of the query of --encoder-pixel (default 0, the '
         'finest)')
-    parser.add_argument(
-        '--device',
-        default='cuda:0' if torch.cuda.is_available() else 'cpu',
-        help='device to run on')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, as key=value pairs')
-    args = parser.parse_args(argv)
-    if args.max_dets < 0:
-        parser.error(f'--max-dets must be 0 or more, got {args.max_dets}')
-    return args
 
 
-def read_image(path: str) -> np.ndarray:
-    """The image as (h, w, 3) RGB, or an error naming the file."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'image {path!r} does not exist')
-    try:
-        image = mmcv.imread(path)
-    except Exception as error:  # the decoders raise various types
-        raise ValueError(f'could not read image {path!r}: {error}') from error
-    if image is None:
-        raise ValueError(
-            f'could not read image {path!r}: OpenCV cannot decode it; give '
-            'a PNG, JPEG, BMP or TIFF file')
-    return mmcv.bgr2rgb(image)
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return parse_tool_arguments(
+        'Draw the sampling points and attention weights behind the '
+        'detections of one image', argv, add_encoder_arguments)
 
 
 def load_model(config: str, checkpoint: str, device: str,
                cfg_options: Optional[dict]):
     """The config's model with the checkpoint's weights, checked strictly."""
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
-    cfg = launch.load_config(config, cfg_options)
-    model = init_detector(cfg, checkpoint, device=device)
-    checkpoint_check.check_checkpoint_matches(model, checkpoint, config)
+    cfg, model = load_checked_model(config, checkpoint, device, cfg_options)
     if not isinstance(
             getattr(model, 'transformer', None), DeformableDetrTransformer):
         raise TypeError(
@@ -131,7 +79,7 @@ def load_model(config: str, checkpoint: str, device: str,
             'plugin\'s DeformableDetrTransformer; this tool draws the '
             'plugin\'s Deformable DETR (model.type=\'DeformableDETR\' in '
             'the ddetr_plugin scope)')
-    return cfg, model.eval()
+    return cfg, model
 
 
 def _point_summary(query: QueryPoints) -> dict:
@@ -192,11 +140,7 @@ def visualize(model,
     max_per_img = model.bbox_head.test_cfg.get('max_per_img',
                                                probe.cls_scores.shape[0])
     detections = select_detections(probe, max_per_img, score_thr, max_dets)
-    classes = list((getattr(model, 'dataset_meta', None)
-                    or {}).get('classes', ()))
-    class_names = classes + [
-        str(label) for label in range(len(classes), probe.cls_scores.shape[1])
-    ]
+    names = class_names(model, probe.cls_scores.shape[1])
 
     os.makedirs(out_dir, exist_ok=True)
     stem = osp.splitext(osp.basename(image_path))[0]
@@ -212,21 +156,16 @@ def visualize(model,
         queries.append(query)
         picture = osp.join(out_dir, f'{stem}_det{index}.png')
         outside = drawing.draw_detection(image, detection, query,
-                                         class_names[detection.label],
+                                         names[detection.label],
                                          probe.decoder_layer, picture)
         summary['detections'].append(
             dict(
-                rank=detection.rank,
-                query=detection.query,
-                label=detection.label,
-                class_name=class_names[detection.label],
-                score=detection.score,
-                box=detection.box.tolist(),
+                detection_summary(detection, names),
                 outside=outside,
                 picture=picture,
                 **_point_summary(query)))
     summary['overview'] = osp.join(out_dir, f'{stem}_overview.png')
-    drawing.draw_overview(image, detections, queries, class_names,
+    drawing.draw_overview(image, detections, queries, names,
                           probe.decoder_layer, summary['overview'])
     if encoder_pixel is not None:
         index = encoder_query_index(encoder_pixel, encoder_level,

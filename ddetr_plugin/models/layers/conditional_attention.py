@@ -18,7 +18,7 @@ location. Queries and keys have ``2 * head_dims`` channels per head; the
 values only the content's ``head_dims``. Only the first decoder layer also
 adds the positional query (and the keys' positions) to the content halves.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,36 @@ class ConditionalAttention(BaseModule):
                                                     self.embed_dims)
         return self.out_proj(attended)
 
+    def cross_attention_parts(
+            self, query: Tensor, query_pos: Tensor, key: Tensor,
+            key_pos: Tensor,
+            ref_sine_embed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The content and spatial halves of cross-attention's queries and
+        keys, per head.
+
+        :meth:`forward` concatenates them; they are a method of their own so
+        that :mod:`ddetr_plugin.visualization` can take the spatial and
+        content matches apart with the very numbers the layer used.
+
+        Args:
+            query, query_pos, key, key_pos, ref_sine_embed: See
+                :meth:`forward`.
+
+        Returns:
+            tuple[Tensor]: ``content_query`` and ``spatial_query`` (bs,
+            num_heads, num_queries, head_dims), ``content_key`` and
+            ``spatial_key`` (bs, num_heads, num_keys, head_dims).
+        """
+        content_query = self.query_content_proj(query)
+        content_key = self.key_content_proj(key)
+        key_position = self.key_pos_proj(key_pos)
+        if self.with_query_pos:
+            content_query = content_query + self.query_pos_proj(query_pos)
+            content_key = content_key + key_position
+        spatial_query = self.query_sine_proj(ref_sine_embed)
+        return (self._heads(content_query), self._heads(spatial_query),
+                self._heads(content_key), self._heads(key_position))
+
     def forward(self,
                 query: Tensor,
                 query_pos: Tensor,
@@ -158,20 +188,12 @@ class ConditionalAttention(BaseModule):
                 self._heads(self.value_proj(query)), None)
             return query + self.proj_drop(attended)
 
-        content_query = self.query_content_proj(query)
-        content_key = self.key_content_proj(key)
-        key_position = self.key_pos_proj(key_pos)
-        if self.with_query_pos:
-            content_query = content_query + self.query_pos_proj(query_pos)
-            content_key = content_key + key_position
-        spatial_query = self.query_sine_proj(ref_sine_embed)
+        content_query, spatial_query, content_key, spatial_key = \
+            self.cross_attention_parts(query, query_pos, key, key_pos,
+                                       ref_sine_embed)
         # Per head: [content, spatial] for queries and keys alike.
-        heads_query = torch.cat(
-            [self._heads(content_query),
-             self._heads(spatial_query)], dim=-1)
-        heads_key = torch.cat(
-            [self._heads(content_key),
-             self._heads(key_position)], dim=-1)
+        heads_query = torch.cat([content_query, spatial_query], dim=-1)
+        heads_key = torch.cat([content_key, spatial_key], dim=-1)
         attended = self._attend(heads_query, heads_key,
                                 self._heads(self.value_proj(key)),
                                 key_padding_mask)
