@@ -7,20 +7,22 @@ images) and without pretrained weights. ``run_model`` records what a model
 predicts, loses and backpropagates on a padded batch of two images, so a
 test can compare a run with the switch off against one with it on.
 """
+import importlib
 import os.path as osp
+import sys
 from typing import Callable, Dict, List, Tuple
 
-import mmdet
-import numpy as np
 import torch
 from mmcv.ops import MultiScaleDeformableAttention
-from mmdet.structures import DetDataSample
-from mmdet.structures.mask import BitmapMasks
-from mmengine.config import Config
-from mmengine.registry import DefaultScope
-from mmengine.structures import InstanceData
 
-MMDET_CONFIGS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs')
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+# The benchmark of these models builds them and their data: the tests
+# build them the same way, at test size.
+TOOLS = osp.join(REPO, 'tools', 'analysis_tools')
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+benchmark = importlib.import_module('benchmark_mmcv_models')
+
 CONFIGS = {
     'dino':
     'dino/dino-4scale_r50_8xb2-12e_coco.py',
@@ -77,8 +79,7 @@ def _shrink_mask2former(model_cfg) -> None:
     head.transformer_decoder.num_layers = 2
     model_cfg.panoptic_fusion_head.num_things_classes = NUM_CLASSES
     model_cfg.train_cfg.num_points = 256
-    # Training pads every batch to this size (1024 in the config).
-    model_cfg.data_preprocessor.batch_augments[0].size = (128, 128)
+    benchmark.pad_training_batches(model_cfg, 128, 128)
     model_cfg.test_cfg.max_per_image = 20
 
 
@@ -95,18 +96,9 @@ def build_model(name: str, perturbation: float = 0.02) -> torch.nn.Module:
     Returns:
         nn.Module: the detector on the CPU.
     """
-    model_cfg = Config.fromfile(osp.join(MMDET_CONFIGS, CONFIGS[name])).model
-    if name == 'mask2former':
-        _shrink_mask2former(model_cfg)
-    else:
-        _shrink_detr(model_cfg)
+    shrink = _shrink_mask2former if name == 'mask2former' else _shrink_detr
     torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        model = MODELS.build(model_cfg)
-    model.init_weights()
+    model = benchmark.build_model(CONFIGS[name], shrink)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * perturbation)
@@ -121,35 +113,13 @@ def count_attention_modules(model: torch.nn.Module) -> int:
 
 
 def make_batch(model: torch.nn.Module, training: bool) -> dict:
-    """Two random images with two boxes (and masks) each, preprocessed.
+    """Two random images of different sizes with a box and its mask each,
+    preprocessed.
 
     Returns:
         dict: ``inputs`` (2, 3, H, W) padded and ``data_samples``.
     """
-    generator = torch.Generator().manual_seed(0)
-    inputs, samples = [], []
-    for height, width in IMAGE_SIZES:
-        inputs.append(
-            torch.randint(0, 256, (3, height, width),
-                          generator=generator).byte())
-        boxes = torch.tensor(
-            [[0.1 * width, 0.2 * height, 0.6 * width, 0.7 * height],
-             [0.4 * width, 0.1 * height, 0.9 * width, 0.5 * height]])
-        masks = np.zeros((2, height, width), dtype=np.uint8)
-        for index, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
-            masks[index, y1:y2, x1:x2] = 1
-        sample = DetDataSample(
-            metainfo=dict(
-                img_shape=(height, width),
-                ori_shape=(height, width),
-                scale_factor=(1.0, 1.0)))
-        sample.gt_instances = InstanceData(
-            bboxes=boxes,
-            labels=torch.tensor([1, 3]),
-            masks=BitmapMasks(masks, height, width))
-        samples.append(sample)
-    return model.data_preprocessor(
-        dict(inputs=inputs, data_samples=samples), training)
+    return benchmark.make_data(model, IMAGE_SIZES, training)
 
 
 def predictions(model: torch.nn.Module) -> List[Dict[str, torch.Tensor]]:

@@ -13,8 +13,9 @@ config at test size, ``mmcv_msda_cases.py``):
   forward is traced too, with graph breaks elsewhere, in mmdet's own code:
   README; tracing it takes over 20 s, too long for the suite.)
 """
-import importlib.util
 import os.path as osp
+import runpy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,17 +26,9 @@ pytest.importorskip('scipy')
 
 OPERATOR = 'ddetr_plugin.ms_deform_attn_forward'
 
-
-def _load_cases():
-    """The helper module beside this file (tests are no package)."""
-    path = osp.join(osp.dirname(osp.abspath(__file__)), 'mmcv_msda_cases.py')
-    spec = importlib.util.spec_from_file_location('mmcv_msda_cases', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cases = _load_cases()
+# The helper module beside this file (the tests are no package).
+cases = SimpleNamespace(**runpy.run_path(
+    osp.join(osp.dirname(osp.abspath(__file__)), 'mmcv_msda_cases.py')))
 
 
 @pytest.fixture(autouse=True)

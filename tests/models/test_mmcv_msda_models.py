@@ -10,8 +10,9 @@ every attention module. Grounding DINO is not here: its language model
 needs the ``transformers`` package and a BERT tokenizer downloaded from
 the Hugging Face hub, neither available offline.
 """
-import importlib.util
 import os.path as osp
+import runpy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,17 +22,9 @@ from ddetr_plugin.mmcv_patch import core
 
 pytest.importorskip('scipy')
 
-
-def _load_cases():
-    """The helper module beside this file (tests are no package)."""
-    path = osp.join(osp.dirname(osp.abspath(__file__)), 'mmcv_msda_cases.py')
-    spec = importlib.util.spec_from_file_location('mmcv_msda_cases', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cases = _load_cases()
+# The helper module beside this file (the tests are no package).
+cases = SimpleNamespace(**runpy.run_path(
+    osp.join(osp.dirname(osp.abspath(__file__)), 'mmcv_msda_cases.py')))
 
 # Relative tolerance of float32 results: the op and grid_sample sum the
 # same products in another order.

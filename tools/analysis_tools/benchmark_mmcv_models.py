@@ -111,19 +111,25 @@ def parse_args() -> argparse.Namespace:
 # Whole models (mmdet needed).
 
 
-def build_model(name: str, train_size: List[int], device: str):
-    """mmdet's R50 model ``name`` with random weights."""
+def build_model(config: str,
+                adjust: Callable = lambda model_cfg: None,
+                device: str = 'cpu'):
+    """mmdet's model with random weights (no pretrained backbone).
+
+    Args:
+        config (str): the config file, relative to mmdet's ``configs``.
+        adjust (Callable): edits the model's config in place first.
+        device (str): where the model goes.
+    """
     import mmdet
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
-    path = osp.join(
-        osp.dirname(mmdet.__file__), '.mim', 'configs', CONFIGS[name])
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', config)
     model_cfg = Config.fromfile(path).model
     model_cfg.backbone.init_cfg = None
-    for augment in model_cfg.data_preprocessor.get('batch_augments') or []:
-        augment.size = tuple(train_size[1:])
+    adjust(model_cfg)
     with DefaultScope.overwrite_default_scope('mmdet'):
         register_all_modules(init_default_scope=False)
         model = MODELS.build(model_cfg)
@@ -131,34 +137,36 @@ def build_model(name: str, train_size: List[int], device: str):
     return model.to(device)
 
 
-def make_data(model, batch_size: int, height: int, width: int,
-              training: bool) -> dict:
-    """Random images with one box and its mask each, preprocessed."""
+def pad_training_batches(model_cfg, height: int, width: int) -> None:
+    """Mask2Former pads every training batch to 1024x1024: to the
+    benchmark's training size instead."""
+    for augment in model_cfg.data_preprocessor.get('batch_augments') or []:
+        augment.size = (height, width)
+
+
+class _Unprocessed:
+    """Stands in for a model in ``benchmark_model.make_data``: its data
+    preprocessor hands the images and samples back as they are."""
+
+    @staticmethod
+    def data_preprocessor(data: dict, training: bool) -> dict:
+        return data
+
+
+def make_data(model, sizes: List[tuple], training: bool) -> dict:
+    """Random images of ``sizes`` with one box each and the box's mask
+    (Mask2Former trains on masks), through the model's preprocessor."""
     import numpy as np
-    from mmdet.structures import DetDataSample
+    from benchmark_model import make_data as make_boxes_data
     from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-    generator = torch.Generator().manual_seed(0)
-    inputs, samples = [], []
-    box = [0.1 * width, 0.2 * height, 0.6 * width, 0.7 * height]
-    mask = np.zeros((1, height, width), dtype=np.uint8)
-    mask[0, int(box[1]):int(box[3]), int(box[0]):int(box[2])] = 1
-    for _ in range(batch_size):
-        inputs.append(
-            torch.randint(0, 256, (3, height, width),
-                          generator=generator).byte())
-        sample = DetDataSample(
-            metainfo=dict(
-                img_shape=(height, width),
-                ori_shape=(height, width),
-                scale_factor=(1.0, 1.0)))
-        sample.gt_instances = InstanceData(
-            bboxes=torch.tensor([box]),
-            labels=torch.tensor([1]),
-            masks=BitmapMasks(mask, height, width))
-        samples.append(sample)
-    return model.data_preprocessor(
-        dict(inputs=inputs, data_samples=samples), training)
+    data = make_boxes_data(_Unprocessed, sizes, training)
+    for sample in data['data_samples']:
+        height, width = sample.img_shape
+        masks = np.zeros((1, height, width), dtype=np.uint8)
+        x1, y1, x2, y2 = sample.gt_instances.bboxes[0].int().tolist()
+        masks[0, y1:y2, x1:x2] = 1
+        sample.gt_instances.masks = BitmapMasks(masks, height, width)
+    return model.data_preprocessor(data, training)
 
 
 def with_switch(on: bool, run: Callable[[], None]) -> Callable[[], None]:
@@ -176,46 +184,24 @@ def with_switch(on: bool, run: Callable[[], None]) -> Callable[[], None]:
     return switched
 
 
-def inference(model, data: dict) -> Callable[[], None]:
-    """``predict`` without gradients."""
-
-    def run():
-        model.eval()
-        with torch.no_grad():
-            model.predict(data['inputs'], data['data_samples'])
-
-    return run
-
-
-def training_step(model, data: dict) -> Callable[[], None]:
-    """``loss`` and ``backward`` (seeded: the same noise every time)."""
-
-    def run():
-        model.train()
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        losses = model.loss(data['inputs'], data['data_samples'])
-        model.parse_losses(losses)[0].backward()
-
-    return run
-
-
 def time_models(args: argparse.Namespace) -> List[Dict]:
     """Rows of (model, pass, mmcv times, plugin times)."""
-    from benchmark_model import interleaved_times
+    from benchmark_model import inference, interleaved_times, training_step
     rows = []
     for name in args.models:
-        model = build_model(name, args.train_size, args.device)
+        model = build_model(
+            CONFIGS[name], lambda model_cfg: pad_training_batches(
+                model_cfg, *args.train_size[1:]), args.device)
         passes = []
         if not args.skip_infer:
             height, width = args.infer_size
             passes.append((f'inference 1x{height}x{width}', inference,
-                           make_data(model, 1, height, width, False)))
+                           make_data(model, [(height, width)], False)))
         if not args.skip_train:
             batch_size, height, width = args.train_size
             passes.append(
                 (f'training step {batch_size}x{height}x{width}', training_step,
-                 make_data(model, batch_size, height, width, True)))
+                 make_data(model, [(height, width)] * batch_size, True)))
         for pass_name, make_run, data in passes:
             run = make_run(model, data)
             mmcv_times, plugin_times = interleaved_times(
