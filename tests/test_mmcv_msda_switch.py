@@ -7,6 +7,7 @@ import json
 import os.path as osp
 import subprocess
 import sys
+import warnings
 
 import mmcv
 import pytest
@@ -57,6 +58,20 @@ def test_enable_and_disable_swap_mmcv_sampling_functions(log_lines):
     assert 'now samples with ddetr_plugin\'s op' in log_lines[0]
     mmcv_patch.disable()
     assert mmcv_names_now() == MMCV_OBJECTS and not mmcv_patch.is_enabled()
+
+
+def test_warns_when_cuda_tensors_would_lose_a_cuda_kernel(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(switch, 'kernel_device_types',
+                        lambda: frozenset({'cpu', 'meta'}))
+    with pytest.warns(UserWarning, match='no CUDA kernels'):
+        mmcv_patch.enable()
+    mmcv_patch.disable()
+    monkeypatch.setattr(switch, 'kernel_device_types',
+                        lambda: frozenset({'cpu', 'cuda', 'meta'}))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        mmcv_patch.enable()
 
 
 def test_context_manager_restores_the_state_it_found():

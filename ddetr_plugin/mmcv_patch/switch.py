@@ -16,9 +16,11 @@ the mmcv version, rather than patched blindly.
 """
 import contextlib
 import inspect
+import warnings
 from typing import Dict, Iterator, List
 
 import mmcv
+import torch
 from mmcv.ops import multi_scale_deform_attn as mmcv_module
 from mmengine.logging import print_log
 
@@ -128,6 +130,7 @@ def enable() -> None:
         f'now samples with ddetr_plugin\'s op ({_kernels_line()}); its '
         'layers and weights are unchanged',
         logger='current')
+    _warn_without_cuda_kernels()
 
 
 def disable() -> None:
@@ -147,6 +150,21 @@ def enabled() -> Iterator[None]:
     finally:
         if not was_enabled:
             disable()
+
+
+def _warn_without_cuda_kernels() -> None:
+    """Say so where CUDA tensors would lose mmcv's CUDA kernel for the
+    plugin's plain-PyTorch reference (a build without CUDA kernels)."""
+    if 'cuda' in kernel_device_types() or not torch.cuda.is_available():
+        return
+    warnings.warn(
+        'ddetr_plugin.mmcv_msda: this build of ddetr_plugin has no CUDA '
+        'kernels, so mmcv\'s attention on CUDA tensors now runs the '
+        'plugin\'s plain-PyTorch reference, slower than mmcv\'s CUDA '
+        'kernel. Rebuild the plugin with CUDA (`python -m '
+        'ddetr_plugin.ops.check --device cuda` says how it was built) or '
+        'remove ddetr_plugin.mmcv_msda from custom_imports.',
+        stacklevel=3)
 
 
 def _kernels_line() -> str:
