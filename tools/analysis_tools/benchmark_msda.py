@@ -109,15 +109,20 @@ def make_inputs(batch_size: int,
                 num_queries: Optional[int],
                 dtype,
                 device: str,
-                seed: int = 0) -> List[Tensor]:
-    """value, spatial_shapes, level_start_index, locations, weights."""
+                seed: int = 0,
+                level_shapes=LEVEL_SHAPES) -> List[Tensor]:
+    """value, spatial_shapes, level_start_index, locations, weights.
+
+    ``level_shapes``: (h, w) of each level; other models' shapes
+    (benchmark_mmcv_models.py).
+    """
     generator = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(LEVEL_SHAPES, dtype=torch.int64)
+    spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64)
     sizes = spatial_shapes[:, 0] * spatial_shapes[:, 1]
     level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
     num_keys = int(sizes.sum())
     num_queries = num_keys if num_queries is None else num_queries
-    num_levels = len(LEVEL_SHAPES)
+    num_levels = len(level_shapes)
     value = torch.randn(
         batch_size, num_keys, NUM_HEADS, HEAD_DIMS, generator=generator)
     locations = torch.rand(

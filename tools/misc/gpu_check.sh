@@ -205,6 +205,14 @@ stage_gpu() {
   if [ -s "$OUT/mmcv_library.txt" ]; then
     library=(--mmcv-library "$(cat "$OUT/mmcv_library.txt")")
   fi
+  # --- mmcv models (issue 19): the sampling core at the shapes DINO R50
+  # and Mask2Former R50 give mmcv's attention, mmcv's CUDA kernel against
+  # the plugin's op. This machine has no mmdet to build the models.
+  run_stage mmcv_models 60 "$PYTHON" \
+    tools/analysis_tools/benchmark_mmcv_models.py --attention-only \
+    --device cuda --dtypes fp32 fp16 --runs 10 "${library[@]}" \
+    --json "$OUT/benchmark_mmcv_models.json"
+  # --- end of mmcv models
   # Whatever time is left; batch 1 first, and the rows are written as they
   # come, so a cut run still reports them.
   run_stage benchmark 400 run_benchmark \
