@@ -10,7 +10,7 @@ layers per decoder layer, one extra for the encoder's proposals), so the
 detector passes those head arguments explicitly (see :meth:`_head_args`),
 and refuses a config that sets them otherwise.
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,10 +224,35 @@ class DeformableDETR(BaseDetector):
         if all(shape == (padded_height, padded_width)
                for shape in map(tuple, image_shapes)):
             return None
-        masks = features[0].new_ones(
-            (len(image_shapes), padded_height, padded_width))
-        for index, (height, width) in enumerate(image_shapes):
-            masks[index, :height, :width] = 0
+        return DeformableDETR.masks_of_image_shapes(
+            features, torch.as_tensor(image_shapes, device=features[0].device),
+            (padded_height, padded_width))
+
+    @staticmethod
+    def masks_of_image_shapes(features: Sequence[Tensor], image_shapes: Tensor,
+                              padded_shape: Tuple[int, int]) -> List[Tensor]:
+        """Per-level padding masks from each image's unpadded size.
+
+        Tensor arithmetic only, so that an exported model builds the masks
+        from image sizes given at run time.
+
+        Args:
+            features (Sequence[Tensor]): Maps (bs, embed_dims, h_l, w_l).
+            image_shapes (Tensor): (bs, 2), (height, width) of each image,
+                at the top left of the padded batch.
+            padded_shape (tuple[int, int]): (height, width) of the padded
+                batch (symbolic under ``torch.export``).
+
+        Returns:
+            list[Tensor]: Masks (bs, h_l, w_l) bool, True at padding.
+        """
+        padded_height, padded_width = padded_shape
+        device = features[0].device
+        rows = torch.arange(padded_height, device=device).view(1, -1, 1)
+        columns = torch.arange(padded_width, device=device).view(1, 1, -1)
+        masks = (rows >= image_shapes[:, 0].view(-1, 1, 1)) | (
+            columns >= image_shapes[:, 1].view(-1, 1, 1))
+        masks = masks.to(features[0].dtype)
         # Nearest resizing keeps at least one valid row and column per
         # image on every level, however small the image.
         return [
@@ -236,14 +261,20 @@ class DeformableDETR(BaseDetector):
             for feature in features
         ]
 
-    def run_transformer(self, features: Tuple[Tensor, ...],
-                        batch_data_samples: OptSampleList) -> Dict:
+    def run_transformer(self,
+                        features: Tuple[Tensor, ...],
+                        batch_data_samples: OptSampleList,
+                        masks: Optional[List[Tensor]] = None) -> Dict:
         """Stages 1-4: from neck features to the head's inputs.
 
         Args:
             features (tuple[Tensor]): Maps (bs, embed_dims, h_l, w_l).
             batch_data_samples (list[DetDataSample], optional): Image and
                 padded shapes.
+            masks (list[Tensor], optional): Padding masks (bs, h_l, w_l)
+                bool per level, True at padding, given instead of the data
+                samples' shapes (an exported model, whose image sizes are
+                an input tensor: :meth:`masks_of_image_shapes`).
 
         Returns:
             dict: ``hidden_states`` (num_decoder_layers, bs, num_queries,
@@ -253,8 +284,9 @@ class DeformableDETR(BaseDetector):
             (bs, num_keys, 4), both None unless two-stage.
         """
         transformer = self.transformer
-        inputs = transformer.flatten_levels(
-            list(features), self.padding_masks(features, batch_data_samples))
+        if masks is None:
+            masks = self.padding_masks(features, batch_data_samples)
+        inputs = transformer.flatten_levels(list(features), masks)
         memory = transformer.encode(inputs)
         proposal_branches = {}
         if self.as_two_stage:
