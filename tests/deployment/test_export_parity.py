@@ -63,8 +63,8 @@ def test_dynamic_onnx_matches_predict(toy, dynamic_program, tmp_path,
         model, program, str(tmp_path / f'two_stage_{sampling}.onnx'), sampling)
 
 
-def test_static_onnx_masks_the_padding(toy, dynamic_program, tmp_path, capfd):
-    model, _ = dynamic_program('two_stage')
+def test_static_onnx_masks_the_padding(toy, compiled_op, tmp_path, capfd):
+    model = toy.build_model('two_stage')
     path = str(tmp_path / 'static.onnx')
     toy.assert_static_onnx_matches(model, path)
     # The exporter writes CastLike nodes, on which ONNX Runtime warns

@@ -20,7 +20,6 @@ def test_dynamic_onnx_matches_predict(toy, dynamic_program, tmp_path, variant,
 
 
 @pytest.mark.parametrize('variant', ['plain', 'refine'])
-def test_static_onnx_masks_the_padding(toy, dynamic_program, tmp_path,
-                                       variant):
-    model, _ = dynamic_program(variant)
+def test_static_onnx_masks_the_padding(toy, compiled_op, tmp_path, variant):
+    model = toy.build_model(variant)
     toy.assert_static_onnx_matches(model, str(tmp_path / f'{variant}.onnx'))
