@@ -64,7 +64,16 @@ def evaluate(cfg, dataset, test_step) -> dict:
 
 def pytorch_test_step(model, onnx_model: OnnxTestModel):
     """``model.test_step`` on the batches the ONNX model is given: padded
-    to its input size, with that size as the batch's padded shape."""
+    to its input size, with that size as the batch's padded shape.
+
+    Args:
+        model (nn.Module): The PyTorch detector, in eval mode.
+        onnx_model (OnnxTestModel): The ONNX model it is compared with.
+
+    Returns:
+        Callable: ``data`` (as the test dataloader gives it) -> the data
+        samples with ``pred_instances`` in original image pixels.
+    """
 
     def test_step(data: dict) -> list:
         batch = model.data_preprocessor(data, False)
