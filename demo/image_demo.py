@@ -19,9 +19,9 @@ runs in ONNX Runtime instead of PyTorch: the image goes through the same
 test pipeline and data preprocessor of CONFIG, and the boxes are clamped
 and mapped back to the original image as ``predict`` does, so both paths
 draw the same detections. A model exported for a fixed size takes images
-up to that size (padded with zeros); PyTorch masks such padding and ONNX
-cannot, so only an image of the exported size (or a dynamic model) gives
-PyTorch's detections exactly.
+up to that size: they are padded with zeros to it, and the model masks the
+padding from the image's size (its second input), as PyTorch masks the
+padding of a batch.
 """
 import argparse
 import os

@@ -1,6 +1,7 @@
 """Deployment: the detector exported with ``torch.export`` and to ONNX.
 
-- :class:`TensorDetector`: images in, ``dets``/``labels`` out;
+- :class:`TensorDetector`: a padded image batch and its image sizes in,
+  ``dets``/``labels`` out;
 - :func:`export_detector`: ``torch.export`` with dynamic batch and size,
   the op kept as one node;
 - ``onnx_export.export_onnx``: the ONNX file, the op as standard operators
@@ -11,11 +12,12 @@ The ONNX modules import ``onnx``, ``onnxscript`` and ``onnxruntime`` only
 when used (``requirements/deploy.txt``); importing this package needs
 none of them.
 """
-from .detection_wrapper import TensorDetector, decode_detections
+from .detection_wrapper import (TensorDetector, decode_detections,
+                                full_image_shapes)
 from .torch_export import (example_images, export_detector, load_program,
                            save_program)
 
 __all__ = [
     'TensorDetector', 'decode_detections', 'example_images', 'export_detector',
-    'load_program', 'save_program'
+    'full_image_shapes', 'load_program', 'save_program'
 ]

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
-from .onnx_ms_deform_attn import (EXPORT_MODES, MIN_GRID_SAMPLE_OPSET,
+from .onnx_ms_deform_attn import (EXPORT_MODES,
                                   register_tensorrt_plugin_schema,
                                   translation_table)
 from .requirements import require
-from .torch_export import INPUT_NAME, OUTPUT_NAMES, export_detector
+from .torch_export import INPUT_NAMES, OUTPUT_NAMES, export_detector
 
 # Names of the input's dynamic axes, by position in (N, 3, H, W).
 DYNAMIC_AXIS_NAMES = {0: 'batch', 2: 'height', 3: 'width'}
@@ -44,16 +44,15 @@ def check_opset(sampling: str, opset: int) -> None:
     if sampling not in EXPORT_MODES:
         raise ValueError(f'--sampling must be one of {EXPORT_MODES}, got '
                          f'{sampling!r}.')
-    if sampling == 'grid_sample' and opset < MIN_GRID_SAMPLE_OPSET:
-        raise ValueError(
-            f'--sampling grid_sample needs --opset >= '
-            f'{MIN_GRID_SAMPLE_OPSET} (ONNX GridSample), got {opset}; use '
-            '--sampling gather or a higher opset.')
+    # One minimum for every mode: it is above GridSample's opset 16, so
+    # no advice to switch modes would help.
     if opset < MIN_OPSET:
         raise ValueError(
-            f'--opset {opset} is too low: the model uses LayerNormalization '
-            f'and the exporter converts down to opset {MIN_OPSET} at the '
-            f'lowest; use --opset {MIN_OPSET} or higher.')
+            f'--opset {opset} is too low for every --sampling: the model '
+            f'uses LayerNormalization, an ONNX operator since opset '
+            f'{MIN_OPSET}, and the exporter converts down to opset '
+            f'{MIN_OPSET} at the lowest; use --opset {MIN_OPSET} or higher '
+            f'(the default is {DEFAULT_OPSET}).')
 
 
 def export_onnx(detector: nn.Module,
@@ -110,7 +109,7 @@ def export_onnx_program(program: ExportedProgram,
     onnx_program = torch.onnx.export(
         program,
         dynamo=True,
-        input_names=[INPUT_NAME],
+        input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES),
         opset_version=opset,
         custom_translation_table=translation_table(sampling, opset),

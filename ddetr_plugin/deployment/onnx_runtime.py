@@ -10,7 +10,7 @@ and the evaluation code of MMDetection take it unchanged.
 """
 import json
 import os.path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,9 +20,15 @@ from mmengine.config import Config
 from mmengine.structures import InstanceData
 
 from .config_inputs import build_data_preprocessor
+from .detection_wrapper import full_image_shapes
 from .onnx_ms_deform_attn import TENSORRT_PLUGIN_NAME
 from .requirements import require
-from .torch_export import INPUT_NAME, OUTPUT_NAMES
+from .torch_export import (IMAGE_SHAPES_NAME, INPUT_NAME, INPUT_NAMES,
+                           OUTPUT_NAMES)
+
+# ONNX Runtime's log severities: 0 verbose, 1 info, 2 warning, 3 error,
+# 4 fatal.
+ORT_LOG_ERROR = 3
 
 
 class OnnxRuntimeDetector:
@@ -41,6 +47,10 @@ class OnnxRuntimeDetector:
                                     'write it with '
                                     'tools/deployment/export_onnx.py.')
         options = ort.SessionOptions()
+        # Warnings off, errors on: ONNX Runtime warns once for each of the
+        # exporter's CastLike nodes that it has no kernel to constant-fold
+        # (about 30 coloured lines a model), which changes nothing.
+        options.log_severity_level = ORT_LOG_ERROR
         if num_threads:
             options.intra_op_num_threads = num_threads
             options.inter_op_num_threads = 1
@@ -59,11 +69,13 @@ class OnnxRuntimeDetector:
                 '--sampling grid_sample or gather.') from error
         inputs = [node.name for node in self.session.get_inputs()]
         outputs = [node.name for node in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or tuple(outputs) != OUTPUT_NAMES:
+        if tuple(inputs) != INPUT_NAMES or tuple(outputs) != OUTPUT_NAMES:
             raise ValueError(
                 f'{path!r} has inputs {inputs} and outputs {outputs}; '
-                f'expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}, as '
-                'written by tools/deployment/export_onnx.py.')
+                f'expected {list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}, as '
+                'written by tools/deployment/export_onnx.py (a file of an '
+                f'older version, without {IMAGE_SHAPES_NAME!r}, must be '
+                'exported again).')
 
     @property
     def input_shape(self) -> Tuple:
@@ -76,13 +88,19 @@ class OnnxRuntimeDetector:
         raw = self.session.get_modelmeta().custom_metadata_map
         return {key: json.loads(value) for key, value in raw.items()}
 
-    def __call__(self, images) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self,
+                 images,
+                 image_shapes=None) -> Tuple[np.ndarray, np.ndarray]:
         """Detections of a batch.
 
         Args:
-            images (np.ndarray | Tensor): (bs, 3, h, w) float32, normalised
-                and unpadded, of the size the model was exported for unless
-                it is dynamic.
+            images (np.ndarray | Tensor): (bs, 3, h, w) float32, normalised,
+                each image at the top left and padded with zeros; of the
+                size the model was exported for unless it is dynamic.
+            image_shapes (np.ndarray | Tensor, optional): (bs, 2), (height,
+                width) of each image's unpadded part; the padding is masked
+                as PyTorch masks it. Defaults to the full size (no
+                padding).
 
         Returns:
             tuple[np.ndarray, np.ndarray]: ``dets`` (bs, k, 5) and
@@ -92,8 +110,15 @@ class OnnxRuntimeDetector:
             images = images.detach().cpu().numpy()
         images = np.ascontiguousarray(images, dtype=np.float32)
         self._check_shape(images.shape)
+        if image_shapes is None:
+            image_shapes = full_image_shapes(torch.from_numpy(images))
+        image_shapes = np.asarray(image_shapes, dtype=np.int64)
+        self._check_image_shapes(images.shape, image_shapes)
         dets, labels = self.session.run(
-            list(OUTPUT_NAMES), {INPUT_NAME: images})
+            list(OUTPUT_NAMES), {
+                INPUT_NAME: images,
+                IMAGE_SHAPES_NAME: image_shapes
+            })
         return dets, labels
 
     def _check_shape(self, shape: Tuple[int, ...]) -> None:
@@ -104,8 +129,24 @@ class OnnxRuntimeDetector:
         if not fits:
             raise ValueError(
                 f'{self.path!r} takes input of shape {expected} (names are '
-                f'dynamic axes), got {tuple(shape)}; resize the image to '
-                'the exported size or export with --dynamic.')
+                f'dynamic axes), got {tuple(shape)}; pad the image to '
+                'the exported size (with its image_shapes) or export with '
+                '--dynamic.')
+
+    def _check_image_shapes(self, shape: Tuple[int, ...],
+                            image_shapes: np.ndarray) -> None:
+        """Sizes inside the padded input: the mask cannot be built from
+        others."""
+        batch_size, _, height, width = shape
+        fits = image_shapes.shape == (batch_size, 2) and bool(
+            (image_shapes >= 1).all() and
+            (image_shapes[:, 0] <= height).all() and
+            (image_shapes[:, 1] <= width).all())
+        if not fits:
+            raise ValueError(
+                f'image_shapes must be ({batch_size}, 2), each image\'s '
+                f'(height, width) within the {height}x{width} input; got '
+                f'{image_shapes.tolist()}.')
 
 
 def to_instances(dets: np.ndarray,
@@ -169,6 +210,28 @@ class OnnxTestModel:
             classes=tuple(metadata.get('classes') or ()),
             palette=[tuple(color) for color in palette] if palette else None)
 
+    def check_classes(self, classes: Optional[Sequence[str]],
+                      source: str) -> None:
+        """Raise a ValueError when ``classes`` are not the model's.
+
+        Args:
+            classes (Sequence[str], optional): Class names of the data the
+                model is to be evaluated on.
+            source (str): Where they come from, for the message.
+        """
+        model_classes = self.dataset_meta['classes']
+        if not model_classes:
+            # Files written without metadata: nothing to compare with.
+            return
+        if classes is None or tuple(classes) != model_classes:
+            raise ValueError(
+                f'{self.detector.path!r} was exported for '
+                f'{len(model_classes)} classes {list(model_classes)} (its '
+                f'metadata), but {source} has '
+                f'{len(classes or ())} classes {list(classes or ())}; '
+                'evaluate it with the config it was exported from, or '
+                'export the checkpoint trained on these classes.')
+
     def test_step(self, data: dict) -> List[DetDataSample]:
         """Detections of a batch from the test pipeline.
 
@@ -181,14 +244,27 @@ class OnnxTestModel:
         """
         batch = self.data_preprocessor(data, False)
         samples = batch['data_samples']
-        dets, labels = self.detector(self._fit(batch['inputs']))
+        images = self.pad_to_model(batch['inputs'])
+        image_shapes = [sample.metainfo['img_shape'][:2] for sample in samples]
+        dets, labels = self.detector(images, image_shapes)
         for index, sample in enumerate(samples):
             sample.pred_instances = to_instances(dets[index], labels[index],
                                                  sample.metainfo)
         return samples
 
-    def _fit(self, images: torch.Tensor) -> torch.Tensor:
-        """Pad to the size of a model exported for a fixed size."""
+    def pad_to_model(self, images: torch.Tensor) -> torch.Tensor:
+        """Pad a batch to the size of a model exported for a fixed size.
+
+        The model masks the padding from ``image_shapes``, so the padded
+        images give the detections PyTorch gives for the same batch.
+
+        Args:
+            images (Tensor): (bs, 3, h, w) from the data preprocessor.
+
+        Returns:
+            Tensor: (bs, 3, H, W), the exported size (or ``images`` itself
+            for a dynamic model).
+        """
         _, _, height, width = self.detector.input_shape
         if not isinstance(height, int) or not isinstance(width, int):
             return images

@@ -14,11 +14,19 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from ddetr_plugin.ops import extension_error, extension_loaded
-from .detection_wrapper import TensorDetector
+from .detection_wrapper import TensorDetector, full_image_shapes
 
-# The exported model's input and outputs, as MMDeploy names them.
+# The exported model's inputs and outputs. ``input`` and the outputs are
+# named as MMDeploy names them; ``image_shapes`` (bs, 2) gives each
+# image's unpadded (height, width), from which the model masks the padding.
 INPUT_NAME = 'input'
+IMAGE_SHAPES_NAME = 'image_shapes'
+INPUT_NAMES = (INPUT_NAME, IMAGE_SHAPES_NAME)
 OUTPUT_NAMES = ('dets', 'labels')
+# Limits of the dynamic axes. Below 65 px the smallest level (stride 64)
+# has a side of 1, a size that torch.export specialises.
+MAX_DYNAMIC_BATCH = 64
+MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 65, 4096
 
 
 def check_exportable(detector: nn.Module) -> None:
@@ -60,17 +68,41 @@ def example_images(height: int,
     return torch.randn(batch_size, 3, height, width, generator=generator)
 
 
-def dynamic_image_shapes() -> dict:
-    """Batch, height and width of the image batch, all dynamic.
+def check_dynamic_size(height: int, width: int) -> None:
+    """Raise a ValueError for an example size a dynamic export refuses.
 
-    Below 65 px the smallest level (stride 64) has a side of 1, a size that
-    ``torch.export`` specialises, so sides start at 65.
+    Args:
+        height (int): Example image height.
+        width (int): Example image width.
     """
+    for name, side in (('height', height), ('width', width)):
+        if not MIN_DYNAMIC_SIDE <= side <= MAX_DYNAMIC_SIDE:
+            raise ValueError(
+                f'A dynamic export traces images of {MIN_DYNAMIC_SIDE} to '
+                f'{MAX_DYNAMIC_SIDE} px a side, but the example {name} is '
+                f'{side} (example {height}x{width}): below '
+                f'{MIN_DYNAMIC_SIDE} px the smallest feature level (stride '
+                '64) has a side of 1, which torch.export fixes. Give --shape '
+                f'H W with both sides in [{MIN_DYNAMIC_SIDE}, '
+                f'{MAX_DYNAMIC_SIDE}]; the model then takes any size in that '
+                'range.')
+
+
+def dynamic_image_shapes() -> dict:
+    """Batch, height and width of the image batch, all dynamic, and the
+    batch of ``image_shapes`` with it.
+
+    Sides start at :data:`MIN_DYNAMIC_SIDE` (see there).
+    """
+    batch = Dim('batch', min=1, max=MAX_DYNAMIC_BATCH)
     return {
         'images': {
-            0: Dim('batch', min=1, max=64),
-            2: Dim('height', min=65, max=4096),
-            3: Dim('width', min=65, max=4096)
+            0: batch,
+            2: Dim('height', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE),
+            3: Dim('width', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+        },
+        'image_shapes': {
+            0: batch
         }
     }
 
@@ -78,21 +110,25 @@ def dynamic_image_shapes() -> dict:
 def export_detector(detector: nn.Module,
                     images: Tensor,
                     dynamic: bool = False,
-                    max_per_img: Optional[int] = None) -> ExportedProgram:
+                    max_per_img: Optional[int] = None,
+                    image_shapes: Optional[Tensor] = None) -> ExportedProgram:
     """``torch.export`` the detector's tensor forward.
 
     Args:
         detector (nn.Module): A ``DeformableDETR`` in eval mode, on CPU.
         images (Tensor): (bs, 3, h, w) example batch, normalised; with
-            ``dynamic``, bs must be at least 2.
+            ``dynamic``, bs must be at least 2 and h, w in [65, 4096].
         dynamic (bool): Whether batch, height and width are dynamic.
             Defaults to False (the example's shape is fixed).
         max_per_img (int, optional): Detections per image; defaults to the
             head's ``test_cfg.max_per_img``.
+        image_shapes (Tensor, optional): (bs, 2) int64 example sizes of the
+            unpadded images; defaults to the full size. Only their shape
+            is traced: the program takes any sizes.
 
     Returns:
-        ExportedProgram: ``images`` -> ``(dets, labels)``, see
-        :class:`TensorDetector`.
+        ExportedProgram: ``(images, image_shapes)`` -> ``(dets, labels)``,
+        see :class:`TensorDetector`.
     """
     check_exportable(detector)
     if images.dim() != 4 or images.shape[1] != 3 or \
@@ -100,15 +136,20 @@ def export_detector(detector: nn.Module,
         raise ValueError('The example images must be a (bs, 3, h, w) '
                          'float32 batch; got '
                          f'{tuple(images.shape)} {images.dtype}.')
-    if dynamic and images.shape[0] < 2:
-        raise ValueError('A dynamic batch needs an example of at least 2 '
-                         'images (torch.export fixes a size-1 dimension); '
-                         f'got {images.shape[0]}.')
+    if dynamic:
+        if images.shape[0] < 2:
+            raise ValueError(
+                'A dynamic batch needs an example of at least 2 images '
+                '(torch.export fixes a size-1 dimension); got '
+                f'{images.shape[0]}.')
+        check_dynamic_size(images.shape[2], images.shape[3])
+    if image_shapes is None:
+        image_shapes = full_image_shapes(images)
     wrapper = TensorDetector(detector, max_per_img).eval()
     with torch.no_grad():
         try:
             return torch.export.export(
-                wrapper, (images, ),
+                wrapper, (images, image_shapes),
                 dynamic_shapes=dynamic_image_shapes() if dynamic else None)
         except Exception as error:
             _explain_backbone_failure(detector, images, error)
@@ -141,7 +182,8 @@ def load_program(path: str) -> ExportedProgram:
         path (str): A file written by :func:`save_program`.
 
     Returns:
-        ExportedProgram: Call ``.module()(images)`` to run it.
+        ExportedProgram: Call ``.module()(images, image_shapes)`` to run
+        it.
     """
     if not extension_loaded():
         raise RuntimeError(

@@ -3,11 +3,12 @@ and ``demo/image_demo.py --onnx`` end to end, on a trained toy-sized
 two-stage checkpoint.
 
 The model is trained by ``tools/train.py`` for 120 iterations on 48
-generated toy images of 160 x 160 (about 40 s on two cores): enough to
-find shapes (val mAP about 0.03, AP50 about 0.14), so that the evaluation
-compares real detections. The test pipeline resizes the images to the
-config's test scale (128 x 128), the size the tool exports at, so the boxes
-are mapped back to the original images on both paths.
+generated toy images of 160 x 160: enough to find shapes, so that the
+evaluation compares real detections. The pipelines resize the images
+without keeping their ratio to 80 x 112 (h x w; factors 0.5 in y and 0.7 in
+x), and the tool exports for a fixed 96 x 128: every image is padded into
+the model's input, the model masks the padding from the image size given
+with it, and the boxes are mapped back with different x and y factors.
 """
 import importlib.util
 import json
@@ -20,16 +21,17 @@ import sys
 import mmcv
 import numpy as np
 import pytest
+import torch
 from mmengine.config import Config
 
-from ddetr_plugin.deployment import example_images
+from ddetr_plugin.deployment import config_inputs, example_images
 from ddetr_plugin.deployment.requirements import require
-from ddetr_plugin.ops import extension_loaded
-
-pytestmark = pytest.mark.skipif(
-    not extension_loaded(), reason='exporting needs the compiled op')
 
 IMAGE_SIZE = 160
+# The pipelines' resize: (w, h), not keeping the ratio, and the export's
+# fixed (h, w), larger on both sides.
+RESIZED = (112, 80)
+EXPORT_SHAPE = (96, 128)
 
 
 def load_script(repo, *parts):
@@ -61,11 +63,16 @@ def training_config(toy, data_root: str) -> Config:
     cfg.optim_wrapper.optimizer.lr = 2e-3
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=4)
     cfg.default_hooks.logger.interval = 12
+    for loader in ('train_dataloader', 'test_dataloader'):
+        for transform in cfg[loader].dataset.pipeline:
+            if transform.type == 'Resize':
+                transform.update(scale=RESIZED, keep_ratio=False)
+    cfg.val_dataloader = cfg.test_dataloader
     return cfg
 
 
 @pytest.fixture(scope='module')
-def checkpoint(toy, tmp_path_factory):
+def checkpoint(toy, compiled_op, tmp_path_factory):
     """The config, the trained checkpoint and the data of the model."""
     folder = tmp_path_factory.mktemp('export_tool')
     data_root = str(folder / 'data')
@@ -97,21 +104,35 @@ def exported(toy, checkpoint):
     folder, config_path, checkpoint_path, _ = checkpoint
     onnx_path = str(folder / 'model.onnx')
     tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
-    assert tool.main([config_path, checkpoint_path, '--out', onnx_path]) == 0
+    assert tool.main([
+        config_path, checkpoint_path, '--out', onnx_path, '--shape',
+        *map(str, EXPORT_SHAPE)
+    ]) == 0
     return onnx_path
 
 
 def test_export_tool_writes_a_checked_model(exported):
     from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
     detector = OnnxRuntimeDetector(exported)
-    # The config's test scale, as no --shape was given.
-    assert detector.input_shape == (1, 3, 128, 128)
+    assert detector.input_shape == (1, 3, *EXPORT_SHAPE)
+    assert tuple(detector.session.get_inputs()[1].shape) == (1, 2)
     assert detector.metadata['classes'][0] == 'red square'
     assert detector.metadata['sampling'] == 'grid_sample'
-    assert detector.metadata['input_shape'] == [1, 3, 128, 128]
+    assert detector.metadata['input_shape'] == [1, 3, *EXPORT_SHAPE]
     # A model of fixed size refuses another size, saying what to do.
     with pytest.raises(ValueError, match='export with --dynamic'):
-        detector(example_images(96, 128))
+        detector(example_images(96, 96))
+    # ... and image sizes that do not fit its input.
+    with pytest.raises(ValueError, match='within the 96x128 input'):
+        detector(example_images(*EXPORT_SHAPE), [[97, 128]])
+
+
+def test_export_size_defaults_to_the_test_scale(toy):
+    cfg = Config.fromfile(toy.toy_config)
+    # keep_ratio fits a landscape image in (short side, long side).
+    assert config_inputs.test_input_shape(cfg) == (128, 128)
+    cfg = training_config(toy, 'data')
+    assert config_inputs.test_input_shape(cfg) == (RESIZED[1], RESIZED[0])
 
 
 def test_onnx_runtime_gives_the_pytorch_map(toy, checkpoint, exported):
@@ -133,6 +154,29 @@ def test_onnx_runtime_gives_the_pytorch_map(toy, checkpoint, exported):
         assert round(onnx[key], 3) == round(value, 3), key
 
 
+def test_onnx_tool_refuses_other_classes_before_running(
+        toy, checkpoint, exported, monkeypatch):
+    folder, config_path, _, _ = checkpoint
+    cfg = Config.fromfile(config_path)
+    classes = list(cfg.test_dataloader.dataset.metainfo.classes)
+    other_classes = classes[::-1]
+    cfg.test_dataloader.dataset.metainfo.classes = other_classes
+    other_config = str(folder / 'other_classes.py')
+    cfg.dump(other_config)
+    tool = load_script(toy.repo, 'tools', 'deployment', 'test_onnx.py')
+
+    def evaluate(*args):
+        raise AssertionError('the split ran before the classes were checked')
+
+    monkeypatch.setattr(tool, 'evaluate', evaluate)
+    with pytest.raises(ValueError) as error:
+        tool.main([other_config, exported])
+    message = str(error.value)
+    assert 'exported for 10 classes' in message
+    assert str(classes) in message and str(other_classes) in message
+    assert other_config in message
+
+
 def detections(output):
     """The (name, score, box) lines a demo run printed."""
     lines = re.findall(r'^  (.+?)\s+(\d\.\d{3})  \[(.+)\]$', output,
@@ -141,11 +185,40 @@ def detections(output):
             for name, score, box in lines]
 
 
+def padded_pytorch_detections(toy, config_path, checkpoint_path, onnx_path,
+                              image_path, score_thr):
+    """(name, score, box) of PyTorch's ``predict`` on the image as the ONNX
+    demo feeds it: through the test pipeline and padded to the model's
+    input, boxes in the original image."""
+    from mmdet.apis import init_detector
+
+    from ddetr_plugin.deployment.onnx_runtime import OnnxTestModel
+    from ddetr_plugin.visualization import inference_pipeline
+    cfg = Config.fromfile(config_path)
+    model = init_detector(cfg, checkpoint_path, device='cpu').eval()
+    onnx_model = OnnxTestModel(cfg, onnx_path, num_threads=1)
+    data = inference_pipeline(cfg.test_dataloader.dataset.pipeline)(
+        dict(img_path=image_path, img_id=0))
+    tool = load_script(toy.repo, 'tools', 'deployment', 'test_onnx.py')
+    with torch.no_grad():
+        sample, = tool.pytorch_test_step(model, onnx_model)(
+            dict(inputs=[data['inputs']], data_samples=[data['data_samples']]))
+    instances = sample.pred_instances
+    keep = instances.scores >= score_thr
+    classes = cfg.test_dataloader.dataset.metainfo.classes
+    return [
+        (classes[label], score, box)
+        for box, score, label in zip(instances.bboxes[keep].tolist(
+        ), instances.scores[keep].tolist(), instances.labels[keep].tolist())
+    ]
+
+
 def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
                                                   capsys):
     folder, config_path, checkpoint_path, data_root = checkpoint
-    # A val image of 160 x 160, resized to 128 x 128 by the test pipeline:
-    # the boxes are scaled back on both paths.
+    # A val image of 160 x 160, resized to 80 x 112 by the test pipeline
+    # and padded to the model's 96 x 128: the boxes are scaled back by
+    # different x and y factors.
     image_path = osp.join(data_root, 'val', '000000.png')
     image = mmcv.imread(image_path)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -162,10 +235,15 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
         drawn = mmcv.imread(osp.join(out_dir, osp.basename(image_path)))
         assert drawn.shape == image.shape
     assert len(runs['pytorch']) > 0
-    assert len(runs['onnx']) == len(runs['pytorch'])
+    # The ONNX demo draws what PyTorch predicts for the same padded input
+    # (the PyTorch demo's input is not padded, so its figures differ a
+    # little, as in a batch of images of different sizes).
+    expected = padded_pytorch_detections(toy, config_path, checkpoint_path,
+                                         exported, image_path, 0.1)
+    assert len(expected) > 0
+    assert len(runs['onnx']) == len(expected)
     for (name, score, box), (expected_name, expected_score,
-                             expected_box) in zip(runs['onnx'],
-                                                  runs['pytorch']):
+                             expected_box) in zip(runs['onnx'], expected):
         assert name == expected_name
         assert abs(score - expected_score) <= 1e-3
         # Printed to 0.1 px, in the original image's pixels.
@@ -191,11 +269,31 @@ def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
     assert 'GridSample' not in node_types
 
 
-def test_export_tool_refuses_an_opset_too_low_for_grid_sample(toy):
+@pytest.mark.parametrize('sampling', ['grid_sample', 'gather'])
+def test_export_tool_refuses_an_opset_below_17_for_every_sampling(
+        toy, sampling):
     tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
-    with pytest.raises(ValueError, match='opset >= 16.*gather'):
-        tool.main(
-            ['config.py', 'model.pth', '--out', 'model.onnx', '--opset', '15'])
+    with pytest.raises(ValueError) as error:
+        tool.main([
+            'config.py', 'model.pth', '--out', 'model.onnx', '--opset', '15',
+            '--sampling', sampling
+        ])
+    message = str(error.value)
+    assert 'too low for every --sampling' in message
+    assert 'LayerNormalization' in message and '--opset 17' in message
+    # Switching modes would not help: no such advice.
+    assert 'use --sampling' not in message
+
+
+@pytest.mark.parametrize('shape', [(64, 64), (96, 4097)])
+def test_export_tool_checks_the_dynamic_size_limits(toy, shape):
+    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    # Refused before the checkpoint is read, which does not exist.
+    with pytest.raises(ValueError, match=r'65 to 4096 px.*--shape H W'):
+        tool.main([
+            toy.toy_config, 'missing.pth', '--out', 'model.onnx', '--dynamic',
+            '--shape', *map(str, shape)
+        ])
 
 
 def test_missing_package_says_how_to_install():

@@ -3,8 +3,12 @@
 A module holding only the op is exported with dynamic level sizes and
 query counts, then run in ONNX Runtime on two different level layouts,
 with points outside the maps, on their border, NaN and infinite.
+
+The deployment packages come as ``make setup`` installs them: a missing
+one fails with the command that installs it (``require``), as in the rest
+of ``tests/deployment``; only the compiled op, which a machine may lack,
+skips the tests that export (the ``compiled_op`` fixture).
 """
-import onnx
 import pytest
 import torch
 from torch.export import Dim
@@ -14,11 +18,8 @@ from ddetr_plugin.deployment.onnx_ms_deform_attn import (
     INT32, MIN_GRID_SAMPLE_OPSET, TENSORRT_PLUGIN_DOMAIN, TENSORRT_PLUGIN_NAME,
     grid_sample_translation, translation_table)
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
-from ddetr_plugin.ops import (extension_loaded, ms_deform_attn,
-                              ms_deform_attn_reference)
-
-pytestmark = pytest.mark.skipif(
-    not extension_loaded(), reason='exporting needs the compiled op')
+from ddetr_plugin.deployment.requirements import require
+from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
 
 NUM_HEADS, HEAD_DIMS, NUM_POINTS = 2, 4, 3
 INPUT_NAMES = ('value', 'spatial_shapes', 'level_start_index',
@@ -79,15 +80,15 @@ def export(path, sampling, opset=18):
         opset_version=opset,
         custom_translation_table=translation_table(sampling, opset),
         optimize=False).save(path)
-    return onnx.load(path)
+    return require('onnx', 'This test').load(path)
 
 
 @pytest.mark.parametrize('sampling', ['grid_sample', 'gather'])
-def test_translation_matches_reference(tmp_path, sampling):
-    onnxruntime = pytest.importorskip('onnxruntime')
+def test_translation_matches_reference(tmp_path, compiled_op, sampling):
+    onnxruntime = require('onnxruntime', 'This test')
     path = str(tmp_path / f'{sampling}.onnx')
     model = export(path, sampling)
-    onnx.checker.check_model(model, full_check=True)
+    require('onnx', 'This test').checker.check_model(model, full_check=True)
     node_types = [node.op_type for node in model.graph.node]
     # Standard operators only, no loop whose trip count follows the input.
     assert all(node.domain in ('', 'ai.onnx') for node in model.graph.node)
@@ -123,7 +124,7 @@ def test_grid_sample_needs_opset_16():
         translation_table('bilinear', 18)
 
 
-def test_tensorrt_plugin_node_has_the_plugins_layout(tmp_path):
+def test_tensorrt_plugin_node_has_the_plugins_layout(tmp_path, compiled_op):
     # TensorRT's MultiscaleDeformableAttnPlugin_TRT cannot run here: the
     # node's structure is what is checked.
     path = str(tmp_path / 'trt_plugin.onnx')

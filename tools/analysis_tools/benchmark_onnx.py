@@ -31,7 +31,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.deployment import TensorDetector, example_images
+from ddetr_plugin.deployment import (TensorDetector, example_images,
+                                     full_image_shapes)
 from ddetr_plugin.deployment.onnx_export import export_onnx
 from ddetr_plugin.deployment.onnx_ms_deform_attn import SAMPLING_MODES
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
@@ -88,6 +89,8 @@ def main() -> int:
     height, width = args.size
     model = build_model(args.config)
     images = example_images(height, width)
+    # One unpadded image: the graph still builds its (empty) padding mask.
+    image_shapes = full_image_shapes(images)
     eager = TensorDetector(model).eval()
 
     runners = {}
@@ -104,7 +107,7 @@ def main() -> int:
 
         def run_eager():
             with torch.no_grad():
-                return eager(images)
+                return eager(images, image_shapes)
 
         calls = {'pytorch-eager': run_eager}
         for name, detector in runners.items():

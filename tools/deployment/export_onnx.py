@@ -5,19 +5,24 @@ PyTorch.
         [--shape H W] [--dynamic] [--opset 18]
         [--sampling {grid_sample,gather,trt_plugin}]
 
-The model takes ``input`` (N, 3, H, W) float32, the image already resized,
-normalised and padded as the config's test pipeline and data preprocessor
-do, and returns ``dets`` (N, K, 5) float32, (x1, y1, x2, y2, score) in
-pixels of the input, sorted by score, and ``labels`` (N, K) int64, K = the
-config's ``max_per_img``. ``--dynamic`` makes N, H and W dynamic; without
-``--shape`` the config's test scale is used. The multi-scale deformable
-attention is written in standard ONNX operators (GridSample or Gather), so
-ONNX Runtime and TensorRT need no plugin; ``--sampling trt_plugin`` writes
-it instead as one node of TensorRT's ``MultiscaleDeformableAttnPlugin_TRT``
-layout, for TensorRT only.
+The model takes ``input`` (N, 3, H, W) float32, the images already
+resized and normalised as the config's test pipeline and data preprocessor
+do, each at the top left and padded with zeros to H x W, and
+``image_shapes`` (N, 2) int64, the (height, width) of each image's
+unpadded part, from which it masks the padding as PyTorch does. It returns
+``dets`` (N, K, 5) float32, (x1, y1, x2, y2, score) in pixels of the input,
+sorted by score, and ``labels`` (N, K) int64, K = the config's
+``max_per_img``. ``--dynamic`` makes N (1 to 64), H and W (65 to 4096 px)
+dynamic; without ``--shape`` the config's test scale is used. The
+multi-scale deformable attention is written in standard ONNX operators
+(GridSample or Gather), so ONNX Runtime and TensorRT need no plugin;
+``--sampling trt_plugin`` writes it instead as one node of TensorRT's
+``MultiscaleDeformableAttnPlugin_TRT`` layout, for TensorRT only. Every
+mode needs opset 17 or higher.
 
 After writing, the file is checked by ``onnx.checker`` and ONNX shape
-inference, run in ONNX Runtime on a random input and compared with PyTorch.
+inference, run in ONNX Runtime on a random input whose last image is
+padded, and compared with PyTorch.
 """
 import argparse
 import os
@@ -33,15 +38,19 @@ from mmdet.apis import init_detector
 from mmengine.config import DictAction
 
 import ddetr_plugin  # noqa: F401
-from ddetr_plugin.deployment import TensorDetector, example_images
+from ddetr_plugin.deployment import (TensorDetector, example_images,
+                                     full_image_shapes)
 from ddetr_plugin.deployment.config_inputs import test_input_shape
 from ddetr_plugin.deployment.onnx_export import (DEFAULT_OPSET,
-                                                 DEFAULT_SAMPLING, check_opset,
-                                                 export_onnx)
+                                                 DEFAULT_SAMPLING, MIN_OPSET,
+                                                 check_opset, export_onnx)
 from ddetr_plugin.deployment.onnx_ms_deform_attn import (EXPORT_MODES,
                                                          TENSORRT_PLUGIN,
                                                          TENSORRT_PLUGIN_NAME)
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
+from ddetr_plugin.deployment.torch_export import (MAX_DYNAMIC_SIDE,
+                                                  MIN_DYNAMIC_SIDE,
+                                                  check_dynamic_size)
 from ddetr_plugin.engine import checkpoint_check, launch
 
 
@@ -60,22 +69,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--dynamic',
         action='store_true',
-        help='make batch (1-64), height and width (65-4096 px) dynamic '
-        'axes')
+        help=f'make batch (1-64), height and width ({MIN_DYNAMIC_SIDE}-'
+        f'{MAX_DYNAMIC_SIDE} px) dynamic axes')
     parser.add_argument(
         '--opset',
         type=int,
         default=DEFAULT_OPSET,
-        help=f'ONNX opset (default {DEFAULT_OPSET})')
+        help=f'ONNX opset, {MIN_OPSET} or higher (default {DEFAULT_OPSET})')
     parser.add_argument(
         '--sampling',
         choices=EXPORT_MODES,
         default=DEFAULT_SAMPLING,
-        help='how the deformable attention is written: GridSample (opset '
-        '>= 16) or Gather (any opset; for TensorRT versions that miscompile '
-        f'GridSample), both standard operators; or {TENSORRT_PLUGIN}, one '
-        f'node of TensorRT\'s {TENSORRT_PLUGIN_NAME} layout, for TensorRT '
-        f'only. Default {DEFAULT_SAMPLING}, measured faster in ONNX Runtime')
+        help='how the deformable attention is written: GridSample or '
+        'Gather (for TensorRT versions that miscompile GridSample), both '
+        f'standard operators; or {TENSORRT_PLUGIN}, one node of TensorRT\'s '
+        f'{TENSORRT_PLUGIN_NAME} layout, for TensorRT only. Default '
+        f'{DEFAULT_SAMPLING}, measured faster in ONNX Runtime. Every mode '
+        f'needs --opset {MIN_OPSET} or higher (LayerNormalization)')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -84,20 +94,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def padded_example(images: torch.Tensor) -> tuple:
+    """The example batch with its last image shrunk to about 3/4 x 2/3 of
+    the input and zero-padded, and the batch's ``image_shapes``, so that
+    the comparison also covers the padding mask.
+
+    Args:
+        images (Tensor): (bs, 3, h, w).
+
+    Returns:
+        tuple[Tensor, Tensor]: (bs, 3, h, w) images and (bs, 2) int64.
+    """
+    height, width = images.shape[-2:]
+    image_shapes = full_image_shapes(images)
+    image_shapes[-1] = torch.tensor(
+        [max(1, 3 * height // 4),
+         max(1, 2 * width // 3)])
+    images = images.clone()
+    images[-1, :, image_shapes[-1, 0]:] = 0
+    images[-1, :, :, image_shapes[-1, 1]:] = 0
+    return images, image_shapes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Refuse a bad opset before the slow model build.
+    # Refuse a bad opset or size before the slow model build.
     check_opset(args.sampling, args.opset)
+    if args.dynamic and args.shape:
+        check_dynamic_size(*args.shape)
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(
             f'checkpoint {args.checkpoint!r} does not exist')
     if not args.out.endswith('.onnx'):
         raise ValueError(f'--out must name a .onnx file, got {args.out!r}')
     cfg = launch.load_config(args.config, args.cfg_options)
+    # (export_detector checks the test scale of a dynamic export.)
+    height, width = args.shape or test_input_shape(cfg)
     model = init_detector(cfg, args.checkpoint, device='cpu').eval()
     checkpoint_check.check_checkpoint_matches(model, args.checkpoint)
 
-    height, width = args.shape or test_input_shape(cfg)
     # torch.export fixes a batch size of 1: trace a dynamic batch with 2.
     images = example_images(height, width, batch_size=2 if args.dynamic else 1)
     out_dir = osp.dirname(osp.abspath(args.out))
@@ -129,20 +164,24 @@ def main(argv=None) -> int:
               f'loaded: e.g. trtexec --onnx={args.out}; ONNX Runtime cannot '
               'run this file')
         return 0
+    images, image_shapes = padded_example(images)
     with torch.no_grad():
-        torch_dets, torch_labels = TensorDetector(model)(images)
-    onnx_dets, onnx_labels = OnnxRuntimeDetector(args.out)(images)
+        torch_dets, torch_labels = TensorDetector(model)(images, image_shapes)
+    runtime = OnnxRuntimeDetector(args.out)
+    onnx_dets, onnx_labels = runtime(images, image_shapes)
     onnx_dets = torch.from_numpy(onnx_dets)
     same_labels = bool((torch.from_numpy(onnx_labels) == torch_labels).all())
     score_error = (onnx_dets[..., 4] - torch_dets[..., 4]).abs().max()
     box_error = (onnx_dets[..., :4] - torch_dets[..., :4]).abs().max()
     print(f'ONNX Runtime against PyTorch on a random {tuple(images.shape)} '
-          f'input: labels {"equal" if same_labels else "DIFFER"}, largest '
-          f'score difference {score_error:.2e}, largest box difference '
+          f'input (image sizes {image_shapes.tolist()}): labels '
+          f'{"equal" if same_labels else "DIFFER"}, largest score '
+          f'difference {score_error:.2e}, largest box difference '
           f'{box_error:.2e} px')
-    print(f'input "input" {OnnxRuntimeDetector(args.out).input_shape}, '
-          'outputs "dets" (N, K, 5) (x1, y1, x2, y2, score) and "labels" '
-          '(N, K)')
+    print(f'inputs "input" {runtime.input_shape} and "image_shapes" '
+          f'{tuple(runtime.session.get_inputs()[1].shape)} (height, width '
+          'of each unpadded image), outputs "dets" (N, K, 5) (x1, y1, x2, '
+          'y2, score) and "labels" (N, K)')
     return 0 if same_labels else 1
 
 

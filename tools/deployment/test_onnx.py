@@ -5,11 +5,16 @@ optionally the PyTorch checkpoint beside it.
         [--weights CHECKPOINT] [--threads N] [--out-json FILE]
 
 Every image goes through the config's test pipeline and data preprocessor,
-one at a time (the ONNX model has no padding mask, so images are never
-padded to share a batch), then through ONNX Runtime; the boxes are mapped
+one at a time, is padded to the model's input size when the model was
+exported for a fixed size (the model masks that padding from the image's
+size, its second input), and runs in ONNX Runtime; the boxes are mapped
 back to the original images and scored by the config's test evaluator
 (COCO mAP for the COCO configs). With ``--weights``, the PyTorch model runs
-on the same batches and both results are printed, with their difference.
+on the same padded batches, so that the difference printed is the
+export's alone.
+
+The class names stored in the ONNX file must be the test split's: they are
+compared before anything runs.
 """
 import argparse
 import json
@@ -57,18 +62,47 @@ def evaluate(cfg, dataset, test_step) -> dict:
     return evaluator.evaluate(len(dataset))
 
 
+def pytorch_test_step(model, onnx_model: OnnxTestModel):
+    """``model.test_step`` on the batches the ONNX model is given: padded
+    to its input size, with that size as the batch's padded shape.
+
+    Args:
+        model (nn.Module): The PyTorch detector, in eval mode.
+        onnx_model (OnnxTestModel): The ONNX model it is compared with.
+
+    Returns:
+        Callable: ``data`` (as the test dataloader gives it) -> the data
+        samples with ``pred_instances`` in original image pixels.
+    """
+
+    def test_step(data: dict) -> list:
+        batch = model.data_preprocessor(data, False)
+        images = onnx_model.pad_to_model(batch['inputs'])
+        for sample in batch['data_samples']:
+            sample.set_metainfo(
+                dict(batch_input_shape=tuple(images.shape[-2:])))
+        return model.predict(images, batch['data_samples'])
+
+    return test_step
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = launch.load_config(args.config)
     with DefaultScope.overwrite_default_scope(SCOPE):
         dataset = DATASETS.build(cfg.test_dataloader.dataset)
-    results = dict(
-        onnx=evaluate(cfg, dataset,
-                      OnnxTestModel(cfg, args.onnx, args.threads).test_step))
+    onnx_model = OnnxTestModel(cfg, args.onnx, args.threads)
+    # Before the split runs: other classes would crash the evaluator (or
+    # score the wrong names) after the whole run.
+    onnx_model.check_classes(
+        dataset.metainfo.get('classes'), f'the test split of {args.config} '
+        '(test_dataloader.dataset.metainfo.classes)')
+    results = dict(onnx=evaluate(cfg, dataset, onnx_model.test_step))
     if args.weights:
         model = init_detector(cfg, args.weights, device='cpu').eval()
         checkpoint_check.check_checkpoint_matches(model, args.weights)
-        results['pytorch'] = evaluate(cfg, dataset, model.test_step)
+        results['pytorch'] = evaluate(cfg, dataset,
+                                      pytorch_test_step(model, onnx_model))
     for name, metrics in results.items():
         print(f'{name}: ' + ', '.join(f'{key} {value:.4f}'
                                       for key, value in metrics.items()

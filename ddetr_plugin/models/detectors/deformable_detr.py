@@ -10,7 +10,7 @@ layers per decoder layer, one extra for the encoder's proposals), so the
 detector passes those head arguments explicitly (see :meth:`_head_args`),
 and refuses a config that sets them otherwise.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mmdet.structures import OptSampleList
 from torch import Tensor
@@ -142,14 +142,20 @@ class DeformableDETR(DetrDetectorBase):
                              'and the head must have the same width '
                              f'(embed_dims); got {widths}.')
 
-    def run_transformer(self, features: Tuple[Tensor, ...],
-                        batch_data_samples: OptSampleList) -> Dict:
+    def run_transformer(self,
+                        features: Tuple[Tensor, ...],
+                        batch_data_samples: OptSampleList,
+                        masks: Optional[List[Tensor]] = None) -> Dict:
         """Stages 1-4: from neck features to the head's inputs.
 
         Args:
             features (tuple[Tensor]): Maps (bs, embed_dims, h_l, w_l).
             batch_data_samples (list[DetDataSample], optional): Image and
                 padded shapes.
+            masks (list[Tensor], optional): Padding masks (bs, h_l, w_l)
+                bool per level, True at padding, given instead of the data
+                samples' shapes (an exported model, whose image sizes are
+                an input tensor: :meth:`masks_of_image_shapes`).
 
         Returns:
             dict: ``hidden_states`` (num_decoder_layers, bs, num_queries,
@@ -159,8 +165,9 @@ class DeformableDETR(DetrDetectorBase):
             (bs, num_keys, 4), both None unless two-stage.
         """
         transformer = self.transformer
-        inputs = transformer.flatten_levels(
-            list(features), self.padding_masks(features, batch_data_samples))
+        if masks is None:
+            masks = self.padding_masks(features, batch_data_samples)
+        inputs = transformer.flatten_levels(list(features), masks)
         memory = transformer.encode(inputs)
         proposal_branches = {}
         if self.as_two_stage:

@@ -6,7 +6,7 @@ builds its components; this base runs the stages for training, inference
 and the raw forward, masks the padding of batched images, and loads
 weights saved in MMDetection's layout (renamed in memory).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +124,35 @@ class DetrDetectorBase(BaseDetector):
         if all(shape == (padded_height, padded_width)
                for shape in map(tuple, image_shapes)):
             return None
-        masks = features[0].new_ones(
-            (len(image_shapes), padded_height, padded_width))
-        for index, (height, width) in enumerate(image_shapes):
-            masks[index, :height, :width] = 0
+        return cls.masks_of_image_shapes(
+            features, torch.as_tensor(image_shapes, device=features[0].device),
+            (padded_height, padded_width))
+
+    @staticmethod
+    def masks_of_image_shapes(features: Sequence[Tensor], image_shapes: Tensor,
+                              padded_shape: Tuple[int, int]) -> List[Tensor]:
+        """Per-level padding masks from each image's unpadded size.
+
+        Tensor arithmetic only, so that an exported model builds the masks
+        from image sizes given at run time.
+
+        Args:
+            features (Sequence[Tensor]): Maps (bs, embed_dims, h_l, w_l).
+            image_shapes (Tensor): (bs, 2), (height, width) of each image,
+                at the top left of the padded batch.
+            padded_shape (tuple[int, int]): (height, width) of the padded
+                batch (symbolic under ``torch.export``).
+
+        Returns:
+            list[Tensor]: Masks (bs, h_l, w_l) bool, True at padding.
+        """
+        padded_height, padded_width = padded_shape
+        device = features[0].device
+        rows = torch.arange(padded_height, device=device).view(1, -1, 1)
+        columns = torch.arange(padded_width, device=device).view(1, 1, -1)
+        masks = (rows >= image_shapes[:, 0].view(-1, 1, 1)) | (
+            columns >= image_shapes[:, 1].view(-1, 1, 1))
+        masks = masks.to(features[0].dtype)
         # Nearest resizing keeps at least one valid row and column per
         # image on every level, however small the image.
         return [
