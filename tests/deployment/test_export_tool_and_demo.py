@@ -229,9 +229,10 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
         out_dir = str(folder / f'vis_{name}')
         assert demo.main([
             image_path, config_path, *model_args, '--out-dir', out_dir,
-            '--score-thr', '0.1', '--device', 'cpu'
+            '--score-thr', '0.1', '--device', 'cpu', '--min-size', '1'
         ]) == 0
         runs[name] = detections(capsys.readouterr().out)
+        # Drawn at the image's own size (--min-size 1: no enlarging).
         drawn = mmcv.imread(osp.join(out_dir, osp.basename(image_path)))
         assert drawn.shape == image.shape
     assert len(runs['pytorch']) > 0
