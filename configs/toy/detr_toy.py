@@ -6,8 +6,9 @@
 # the model is replaced, by mmdet's DETR (`_scope_='mmdet'`) at the toy
 # size: the same ResNet-18 of half width from scratch, 64 channels, 4
 # heads, 2 encoder and 3 decoder layers, no dropout, 50 queries. DETR reads
-# the last backbone stage only (stride 32: 4 x 4 features of a 128 px
-# image), as the paper's model does.
+# the last backbone stage only; it is dilated (the papers' DC5: stride 16,
+# 8 x 8 features of a 128 px image) as in the toy Conditional DETR, so that
+# the two dense-attention models see the same features.
 _base_ = './deformable-detr_toy.py'
 
 embed_dims = 64
@@ -36,6 +37,8 @@ model = dict(
         depth=18,
         base_channels=16,
         num_stages=4,
+        strides=(1, 2, 2, 1),
+        dilations=(1, 1, 1, 2),
         out_indices=(3, ),
         frozen_stages=-1,
         norm_cfg=dict(type='BN', requires_grad=True),
