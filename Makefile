@@ -15,7 +15,7 @@ EXT_SOURCES := setup.py $(shell find ddetr_plugin/ops/csrc -name '*.cpp' -o -nam
 DEMO_CONFIG := configs/toy/deformable-detr_toy.py
 DEMO_WORK_DIR := work_dirs/toy
 
-.PHONY: setup demo test lint cuda-check clean
+.PHONY: setup demo test lint cuda-check convergence clean
 
 setup: $(EXT_STAMP)
 
@@ -60,6 +60,13 @@ demo: setup
 			--out-dir $(DEMO_WORK_DIR)/sampling_points \
 			--encoder-pixel 64 64 || exit 1; \
 	done
+
+# The convergence study of docs/convergence.md (not part of make test): DETR,
+# Conditional DETR and Deformable DETR (plain; refinement + two-stage) on the
+# toy data, the same schedule each, two runs at a time; about an hour on two
+# cores.
+convergence: setup
+	bash tools/misc/convergence_study.sh data/toy work_dirs/convergence
 
 lint: setup
 	$(BIN)/ruff check ddetr_plugin tools tests configs demo setup.py
