@@ -52,7 +52,7 @@ train() {  # config work_dir log
     test_evaluator.ann_file="$DATA_DIR/annotations/instances_val.json" \
     train_cfg.max_epochs="$EPOCHS" train_cfg.val_interval=1 \
     param_scheduler.1.end="$EPOCHS" param_scheduler.1.milestones="[$LR_STEP]" \
-    default_hooks.checkpoint.max_keep_ckpts=1 > "$3" 2>&1
+    default_hooks.checkpoint.max_keep_ckpts=1 >> "$3" 2>&1
 }
 
 dirs=()
