@@ -10,7 +10,6 @@ nothing here needs the plugin's compiled op. The export tool and the demo
 run on a checkpoint of the same weights.
 """
 import os.path as osp
-import re
 
 import mmcv
 import numpy as np
@@ -229,40 +228,31 @@ def test_export_tool_refuses_sampling_for_dense_attention(toy, checkpoint):
     assert not path.exists()
 
 
-def printed_detections(output: str) -> list:
-    """The (name, score, box) lines a demo run printed."""
-    lines = re.findall(r'^  (.+?)\s+(\d\.\d{3})  \[(.+)\]$', output,
-                       re.MULTILINE)
-    return [(name, float(score), [float(value) for value in box.split(',')])
-            for name, score, box in lines]
-
-
 def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint,
-                                                  dynamic_onnx, capsys):
+                                                  dynamic_onnx):
     folder, config_path, checkpoint_path, _ = checkpoint
     # Non-square: the test pipeline resizes it to 77 x 128.
     image = np.random.default_rng(0).integers(
         0, 256, (120, 200, 3), dtype=np.uint8)
     image_path = str(folder / 'image.png')
     mmcv.imwrite(image, image_path)
-    demo = load_tool(toy, 'demo', 'image_demo.py')
-    runs = {}
-    for name, model_args in (('pytorch', ['--weights', checkpoint_path]),
-                             ('onnx', ['--onnx', dynamic_onnx])):
-        out_dir = str(folder / f'vis_{name}')
-        assert demo.main([
-            image_path, config_path, *model_args, '--out-dir', out_dir,
-            '--score-thr', '0.3', '--device', 'cpu', '--min-size', '1'
-        ]) == 0
-        runs[name] = printed_detections(capsys.readouterr().out)
-        drawn = mmcv.imread(osp.join(out_dir, 'image.png'))
+    common = ['--score-thr', '0.3', '--device', 'cpu', '--min-size', '1']
+    pytorch = toy.run_demo([
+        image_path, config_path, '--weights', checkpoint_path, '--out-dir',
+        str(folder / 'vis_pytorch'), *common
+    ])
+    onnx = toy.run_demo([
+        image_path, config_path, '--onnx', dynamic_onnx, '--out-dir',
+        str(folder / 'vis_onnx'), *common
+    ])
+    for run in ('pytorch', 'onnx'):
+        drawn = mmcv.imread(str(folder / f'vis_{run}' / 'image.png'))
         assert drawn.shape == image.shape
-    assert len(runs['pytorch']) > 0
+    assert len(pytorch) > 0
     # The dynamic model takes the image unpadded, as PyTorch does.
-    assert len(runs['onnx']) == len(runs['pytorch'])
+    assert len(onnx) == len(pytorch)
     for (name, score, box), (expected_name, expected_score,
-                             expected_box) in zip(runs['onnx'],
-                                                  runs['pytorch']):
+                             expected_box) in zip(onnx, pytorch):
         assert name == expected_name
         assert abs(score - expected_score) <= 1e-3
         # Printed to 0.1 px, in the original image's pixels.
