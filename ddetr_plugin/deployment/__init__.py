@@ -1,11 +1,12 @@
-"""Deployment: the detector exported with ``torch.export`` and to ONNX.
+"""Deployment: the detector (Deformable or Conditional DETR) exported with
+``torch.export`` and to ONNX.
 
 - :class:`TensorDetector`: a padded image batch and its image sizes in,
   ``dets``/``labels`` out;
 - :func:`export_detector`: ``torch.export`` with dynamic batch and size,
-  the op kept as one node;
+  the plugin's op (Deformable DETR) kept as one node;
 - ``onnx_export.export_onnx``: the ONNX file, the op as standard operators
-  (``onnx_ms_deform_attn``);
+  (``onnx_ms_deform_attn``), dense attention as the exporter writes it;
 - ``onnx_runtime.OnnxRuntimeDetector``: the file in ONNX Runtime.
 
 The ONNX modules import ``onnx``, ``onnxscript`` and ``onnxruntime`` only

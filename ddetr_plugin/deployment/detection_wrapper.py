@@ -2,9 +2,9 @@
 
 MMDetection's ``predict`` takes data samples and returns them filled;
 exporters need tensors in and tensors out. :class:`TensorDetector` runs the
-same stages as ``DeformableDETR.predict`` on a padded batch of images and
-their sizes, and returns the detections in the convention MMDeploy users
-know:
+same stages as ``predict`` of ``DeformableDETR`` and ``ConditionalDETR`` on
+a padded batch of images and their sizes, and returns the detections in
+the convention MMDeploy users know:
 
 - inputs ``images`` (bs, 3, h, w) float32, padded at the bottom and right,
   and ``image_shapes`` (bs, 2) int64, the (height, width) of each image's
@@ -94,8 +94,8 @@ class TensorDetector(nn.Module):
     """A DETR-style detector from a padded image batch to ``dets, labels``.
 
     Args:
-        detector (nn.Module): A ``DeformableDETR`` (see
-            :data:`DETECTOR_METHODS`), in eval mode.
+        detector (nn.Module): A ``DeformableDETR`` or ``ConditionalDETR``
+            (see :data:`DETECTOR_METHODS`), in eval mode.
         max_per_img (int, optional): Detections per image; defaults to the
             head's ``test_cfg.max_per_img`` (100 when unset).
     """
@@ -109,9 +109,10 @@ class TensorDetector(nn.Module):
         ]
         if missing:
             raise TypeError(
-                'TensorDetector wraps a ddetr_plugin DeformableDETR; '
-                f'{type(detector).__name__} lacks {missing}. Build the model '
-                'from a config whose model.type is DeformableDETR with '
+                'TensorDetector wraps a ddetr_plugin DeformableDETR or '
+                f'ConditionalDETR; {type(detector).__name__} lacks '
+                f'{missing}. Build the model from a config whose model.type '
+                'is one of them, with model._scope_ or '
                 "default_scope='ddetr_plugin'.")
         self.detector = detector
         test_cfg = detector.bbox_head.test_cfg or {}

@@ -2,8 +2,10 @@
 
 The program from :func:`export_detector` goes to the ONNX exporter
 (``torch.onnx.export(..., dynamo=True)``), which writes the plugin's op in
-standard operators (:mod:`.onnx_ms_deform_attn`). The file is then checked
-by ``onnx.checker`` and ONNX shape inference.
+standard operators (:mod:`.onnx_ms_deform_attn`), as ``sampling`` says;
+Conditional DETR's dense attention is written by the exporter itself
+(MatMul, Softmax), and ``sampling`` does not apply to it. The file is then
+checked by ``onnx.checker`` and ONNX shape inference.
 
 The exporter's graph optimisation is left off: it wrote invalid models for
 the refinement and two-stage variants (a Clip fusion around
@@ -65,17 +67,20 @@ def export_onnx(detector: nn.Module,
     """Write the detector as an ONNX model and check it.
 
     Args:
-        detector (nn.Module): A ``DeformableDETR`` in eval mode, on CPU.
+        detector (nn.Module): A ``DeformableDETR`` or ``ConditionalDETR``
+            in eval mode, on CPU.
         images (Tensor): (bs, 3, h, w) example batch, normalised; with
             ``dynamic``, bs must be at least 2.
         path (str): The ``.onnx`` file to write.
-        sampling (str): How the op is written: ``'grid_sample'`` or
-            ``'gather'`` (standard operators), or ``'trt_plugin'``
+        sampling (str): How the plugin's op is written: ``'grid_sample'``
+            or ``'gather'`` (standard operators), or ``'trt_plugin'``
             (TensorRT's plugin node, which ONNX Runtime cannot run).
+            Ignored for a detector without the op (Conditional DETR).
         opset (int): Target ONNX opset.
         dynamic (bool): Whether batch, height and width are dynamic axes.
         metadata (dict, optional): Stored in the model's metadata, each
-            value as JSON (e.g. the class names).
+            value as JSON (e.g. the class names), with ``sampling`` where
+            the op is in the model.
 
     Returns:
         str: ``path``.
@@ -106,20 +111,42 @@ def export_onnx_program(program: ExportedProgram,
     require('onnxscript', 'The ONNX exporter of torch')
     require('onnx', 'Checking the exported ONNX model')
     check_opset(sampling, opset)
+    metadata = dict(metadata or {})
+    translations = None
+    # Without the op (Conditional DETR) there is nothing to translate,
+    # and the op need not even be registered.
+    if runs_deformable_op(program):
+        translations = translation_table(sampling, opset)
+        metadata['sampling'] = sampling
     onnx_program = torch.onnx.export(
         program,
         dynamo=True,
         input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES),
         opset_version=opset,
-        custom_translation_table=translation_table(sampling, opset),
+        custom_translation_table=translations,
         optimize=False)
     name_dynamic_axes(onnx_program.model)
-    for key, value in dict(metadata or {}, sampling=sampling).items():
+    for key, value in metadata.items():
         onnx_program.model.metadata_props[key] = json.dumps(value)
     onnx_program.save(path)
     check_onnx_file(path)
     return path
+
+
+def runs_deformable_op(program: ExportedProgram) -> bool:
+    """Whether the program calls the plugin's op (multi-scale deformable
+    attention), whose ONNX form ``sampling`` chooses.
+
+    Args:
+        program (ExportedProgram): A program of :func:`export_detector`.
+
+    Returns:
+        bool: True for Deformable DETR, False for Conditional DETR.
+    """
+    return any(node.op == 'call_function'
+               and getattr(node.target, 'namespace', None) == 'ddetr_plugin'
+               for node in program.graph.nodes)
 
 
 def name_dynamic_axes(model) -> Dict[str, str]:

@@ -1,11 +1,14 @@
 """``torch.export`` of the detector, with dynamic batch, height and width.
 
-The plugin's op stays one node, ``ddetr_plugin::ms_deform_attn_forward``:
-its fake kernel gives the output shape without running it, and the level
-sizes the model needs to size tensors come from the feature maps' shapes,
-which ``torch.export`` keeps symbolic. The exported program can be saved,
-loaded (after importing ``ddetr_plugin.ops``, which registers the op) and
-run, or handed to the ONNX exporter.
+In Deformable DETR the plugin's op stays one node,
+``ddetr_plugin::ms_deform_attn_forward``: its fake kernel gives the output
+shape without running it, and the level sizes the model needs to size
+tensors come from the feature maps' shapes, which ``torch.export`` keeps
+symbolic. Conditional DETR's attention is dense (torch's
+``scaled_dot_product_attention``) and needs no op of the plugin. The
+exported program can be saved, loaded (after importing
+``ddetr_plugin.ops``, which registers the op) and run, or handed to the
+ONNX exporter.
 """
 from typing import Optional
 
@@ -27,15 +30,37 @@ OUTPUT_NAMES = ('dets', 'labels')
 # has a side of 1, a size that torch.export specialises.
 MAX_DYNAMIC_BATCH = 64
 MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 65, 4096
+# Class name of the attention that runs the plugin's op: the plugin's, and
+# mmcv's, which the plugin's op can serve (``ddetr_plugin.mmcv_patch``).
+DEFORMABLE_ATTENTION = 'MultiScaleDeformableAttention'
+
+
+def uses_deformable_attention(detector: nn.Module) -> bool:
+    """Whether the detector holds multi-scale deformable attention.
+
+    Only such a detector needs the compiled op to be exported, and only
+    its ONNX file depends on how the op is written (``--sampling``);
+    Conditional DETR's dense attention needs neither.
+
+    Args:
+        detector (nn.Module): The detector to export.
+
+    Returns:
+        bool: True for Deformable DETR, False for Conditional DETR.
+    """
+    return any(
+        type(module).__name__ == DEFORMABLE_ATTENTION
+        for module in detector.modules())
 
 
 def check_exportable(detector: nn.Module) -> None:
     """Raise a RuntimeError when the detector cannot be exported as is.
 
     Args:
-        detector (nn.Module): The ``DeformableDETR`` to export.
+        detector (nn.Module): The ``DeformableDETR`` or
+            ``ConditionalDETR`` to export.
     """
-    if not extension_loaded():
+    if uses_deformable_attention(detector) and not extension_loaded():
         # The plain-PyTorch fallback reads level sizes from tensor values,
         # which torch.export cannot trace.
         raise RuntimeError(
@@ -115,7 +140,8 @@ def export_detector(detector: nn.Module,
     """``torch.export`` the detector's tensor forward.
 
     Args:
-        detector (nn.Module): A ``DeformableDETR`` in eval mode, on CPU.
+        detector (nn.Module): A ``DeformableDETR`` or ``ConditionalDETR``
+            in eval mode, on CPU.
         images (Tensor): (bs, 3, h, w) example batch, normalised; with
             ``dynamic``, bs must be at least 2 and h, w in [65, 4096].
         dynamic (bool): Whether batch, height and width are dynamic.

@@ -8,7 +8,11 @@ scores spread over (0, 1) instead of the 1% prior of ``init_weights`` or
 the saturation of larger weights: label and order equality then do not
 rest on near-ties (``test_toy_models.py`` asserts the spread).
 """
+import contextlib
+import importlib.util
+import io
 import os.path as osp
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -215,6 +219,29 @@ def assert_static_onnx_matches(model, path: str) -> None:
     assert_onnx_matches(model, path)
 
 
+def run_demo(arguments) -> list:
+    """Run ``demo/image_demo.py`` in this process.
+
+    Args:
+        arguments (list[str]): Its command line.
+
+    Returns:
+        list[tuple[str, float, list[float]]]: The (class name, score, box)
+        lines it printed, in order.
+    """
+    path = osp.join(REPO, 'demo', 'image_demo.py')
+    spec = importlib.util.spec_from_file_location('image_demo', path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert demo.main(list(arguments)) == 0
+    lines = re.findall(r'^  (.+?)\s+(\d\.\d{3})  \[(.+)\]$', output.getvalue(),
+                       re.MULTILINE)
+    return [(name, float(score), [float(value) for value in box.split(',')])
+            for name, score, box in lines]
+
+
 @pytest.fixture(scope='session')
 def compiled_op() -> None:
     """Skip the test without the plugin's compiled op, which exporting
@@ -268,4 +295,5 @@ def toy() -> SimpleNamespace:
         assert_same_detections=assert_same_detections,
         assert_onnx_matches=assert_onnx_matches,
         assert_dynamic_onnx_matches=assert_dynamic_onnx_matches,
-        assert_static_onnx_matches=assert_static_onnx_matches)
+        assert_static_onnx_matches=assert_static_onnx_matches,
+        run_demo=run_demo)

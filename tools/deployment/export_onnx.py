@@ -1,5 +1,5 @@
-"""Export a trained Deformable DETR to ONNX, check it, and compare it with
-PyTorch.
+"""Export a trained Deformable or Conditional DETR to ONNX, check it, and
+compare it with PyTorch.
 
     python tools/deployment/export_onnx.py CONFIG CHECKPOINT --out FILE.onnx
         [--shape H W] [--dynamic] [--opset 18]
@@ -18,7 +18,9 @@ multi-scale deformable attention is written in standard ONNX operators
 (GridSample or Gather), so ONNX Runtime and TensorRT need no plugin;
 ``--sampling trt_plugin`` writes it instead as one node of TensorRT's
 ``MultiscaleDeformableAttnPlugin_TRT`` layout, for TensorRT only. Every
-mode needs opset 17 or higher.
+mode needs opset 17 or higher. Conditional DETR's attention is dense
+(MatMul and Softmax, written by the exporter): ``--sampling`` does not
+apply to it, and a value other than the default is refused.
 
 After writing, the file is checked by ``onnx.checker`` and ONNX shape
 inference, run in ONNX Runtime on a random input whose last image is
@@ -50,13 +52,15 @@ from ddetr_plugin.deployment.onnx_ms_deform_attn import (EXPORT_MODES,
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
 from ddetr_plugin.deployment.torch_export import (MAX_DYNAMIC_SIDE,
                                                   MIN_DYNAMIC_SIDE,
-                                                  check_dynamic_size)
+                                                  check_dynamic_size,
+                                                  uses_deformable_attention)
 from ddetr_plugin.engine import checkpoint_check, launch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description='Export Deformable DETR to ONNX (dets, labels)')
+        description='Export Deformable or Conditional DETR to ONNX (dets, '
+        'labels)')
     parser.add_argument('config', help='config file of the model')
     parser.add_argument('checkpoint', help='checkpoint of the model')
     parser.add_argument('--out', required=True, help='the .onnx to write')
@@ -85,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         f'standard operators; or {TENSORRT_PLUGIN}, one node of TensorRT\'s '
         f'{TENSORRT_PLUGIN_NAME} layout, for TensorRT only. Default '
         f'{DEFAULT_SAMPLING}, measured faster in ONNX Runtime. Every mode '
-        f'needs --opset {MIN_OPSET} or higher (LayerNormalization)')
+        f'needs --opset {MIN_OPSET} or higher (LayerNormalization). Not '
+        'for Conditional DETR, whose attention is dense')
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -116,6 +121,30 @@ def padded_example(images: torch.Tensor) -> tuple:
     return images, image_shapes
 
 
+def check_sampling_applies(model: torch.nn.Module, sampling: str,
+                           config: str) -> bool:
+    """Whether ``--sampling`` shapes the file: True for a model with
+    deformable attention; False for one without (Conditional DETR), where
+    a value other than the default is refused with a ValueError rather
+    than silently ignored.
+
+    Args:
+        model (nn.Module): The built detector.
+        sampling (str): The ``--sampling`` value.
+        config (str): The config file, for the message.
+    """
+    if uses_deformable_attention(model):
+        return True
+    if sampling != DEFAULT_SAMPLING:
+        raise ValueError(
+            f'--sampling {sampling} chooses how multi-scale deformable '
+            f'attention is written, but the model of {config} '
+            f'({type(model).__name__}) has none: its attention is dense, '
+            'written as standard MatMul and Softmax operators that ONNX '
+            'Runtime and TensorRT both run. Leave --sampling out.')
+    return False
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Refuse a bad opset or size before the slow model build.
@@ -132,6 +161,7 @@ def main(argv=None) -> int:
     height, width = args.shape or test_input_shape(cfg)
     model = init_detector(cfg, args.checkpoint, device='cpu').eval()
     checkpoint_check.check_checkpoint_matches(model, args.checkpoint)
+    deformable = check_sampling_applies(model, args.sampling, args.config)
 
     # torch.export fixes a batch size of 1: trace a dynamic batch with 2.
     images = example_images(height, width, batch_size=2 if args.dynamic else 1)
@@ -153,9 +183,11 @@ def main(argv=None) -> int:
         opset=args.opset,
         dynamic=args.dynamic,
         metadata=metadata)
+    attention = (f'sampling {args.sampling}'
+                 if deformable else 'dense attention')
     print(f'wrote {args.out} ({osp.getsize(args.out) / 2**20:.1f} MiB, '
-          f'opset {args.opset}, sampling {args.sampling}); onnx.checker '
-          'and shape inference passed')
+          f'opset {args.opset}, {attention}); onnx.checker and shape '
+          'inference passed')
 
     if args.sampling == TENSORRT_PLUGIN:
         # ONNX Runtime has no such node: nothing to compare here.

@@ -5,7 +5,7 @@ map) -> :class:`ConditionalDetrTransformer` (DETR's encoder, the
 conditional decoder) -> :class:`ConditionalDETRHead`. The stages read top
 to bottom in :meth:`ConditionalDETR.run_transformer`.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mmdet.structures import OptSampleList
 from torch import Tensor
@@ -98,20 +98,27 @@ class ConditionalDETR(DetrDetectorBase):
                              'and the head must have the same width '
                              f'(embed_dims); got {widths}.')
 
-    def run_transformer(self, features: Tuple[Tensor, ...],
-                        batch_data_samples: OptSampleList) -> Dict:
+    def run_transformer(self,
+                        features: Tuple[Tensor, ...],
+                        batch_data_samples: OptSampleList,
+                        masks: Optional[List[Tensor]] = None) -> Dict:
         """From the neck's map to the head's inputs.
 
         Args:
             features (tuple[Tensor]): One map (bs, embed_dims, h, w).
             batch_data_samples (list[DetDataSample], optional): Image and
                 padded shapes.
+            masks (list[Tensor], optional): One padding mask (bs, h, w)
+                bool, True at padding, given instead of the data samples'
+                shapes (an exported model, whose image sizes are an input
+                tensor: :meth:`masks_of_image_shapes`).
 
         Returns:
             dict: ``hidden_states`` (num_decoder_layers, bs, num_queries,
             embed_dims) and ``references`` (bs, num_queries, 2).
         """
-        masks = self.padding_masks(features, batch_data_samples)
+        if masks is None:
+            masks = self.padding_masks(features, batch_data_samples)
         hidden_states, references = self.transformer(
             features[-1], None if masks is None else masks[-1])
         return dict(hidden_states=hidden_states, references=references)
