@@ -58,6 +58,21 @@ LONGEST_FILES = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's thread count after every test.
+
+    A tool run in-process (a benchmark's ``main`` with ``--threads 1``)
+    sets it for the whole worker; the tests that run after it in that
+    worker would then sum in another order, and a parity test's gradient
+    misses its 1e-4 (seen: test_parity_mmdet.py after test_gpu_check.py).
+    """
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _file_of(item: pytest.Item) -> str:
     """``tests/...py`` of a collected test, as in LONGEST_FILES."""
     return item.nodeid.split('::', 1)[0]
