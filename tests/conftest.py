@@ -57,24 +57,6 @@ LONGEST_FILES = (
     'tests/ops/test_check.py',  # 16 s
     'tests/tools/test_mmdet_route_training.py',  # 9 s
 )
-    'tests/deployment/test_export_parity_plain_refine.py',  # 102 s (alone)
-    'tests/ops/test_cuda_value_gradient_precision.py',  # 96 s
-    'tests/deployment/test_export_tool_and_demo.py',  # 95 s (alone)
-    'tests/tools/test_train_test_tools.py',  # 80 s
-    'tests/tools/test_mmdet_checkpoints.py',  # 78 s
-    'tests/tools/test_dist_train.py',  # 71 s
-    'tests/tools/test_resume.py',  # 62 s
-    'tests/models/test_converter_official.py',  # 54 s
-    'tests/ops/test_gpu_check.py',  # 40 s
-    'tests/tools/test_entry_points.py',  # 36 s
-    'tests/tools/test_dataset_check_tools.py',  # 34 s
-    'tests/models/test_parity_mmdet.py',  # 18 s
-    'tests/models/test_mmdet_fine_tuning.py',  # 15 s (alone)
-    'tests/ops/test_ms_deform_attn.py',  # 16 s
-    'tests/tools/test_vis_sampling_points.py',  # 12 s
-    'tests/models/test_converter_mmdet.py',  # 11 s
-    'tests/ops/test_check.py',  # 10 s
-)
 
 
 @pytest.fixture(autouse=True)
