@@ -14,8 +14,8 @@ from ddetr_plugin.converters import (CheckpointMismatchError,
 from ddetr_plugin.converters.in_memory import (rename_for_model,
                                                reorder_optimizer_state)
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MMDET_CONFIGS = osp.join(
     osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')

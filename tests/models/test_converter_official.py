@@ -21,8 +21,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import official as converter
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MMDET_CONFIG_DIR = osp.join(
     osp.dirname(__import__('mmdet').__file__), '.mim', 'configs',
     'deformable_detr')

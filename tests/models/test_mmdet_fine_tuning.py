@@ -23,8 +23,8 @@ from ddetr_plugin.engine.checkpoint_check import (CheckpointMismatchError,
                                                   check_checkpoint_matches)
 from ddetr_plugin.engine.mmdet_checkpoint_hook import MmdetCheckpointHook
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = 'deformable-detr-refine_r50_16xb2-50e_coco.py'
 MMDET_CONFIG = osp.join(
     osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr', CONFIG)

@@ -26,10 +26,10 @@ from mmengine.structures import InstanceData
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
 from ddetr_plugin.converters.in_memory import rename_for_model
+from testkit import REPO
 
 pytest.importorskip('scipy')
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 MMDET_CONFIGS = osp.join(
     osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')

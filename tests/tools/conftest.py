@@ -18,7 +18,8 @@ from typing import Dict, Optional, Sequence
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import REPO
+
 HERE = osp.dirname(osp.abspath(__file__))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
 

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from ddetr_plugin.engine.coco_table import CocoTableRecorder
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import REPO
 
 TABLE = [
     ' Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]'

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import REPO
 
 
 def _load_generator():

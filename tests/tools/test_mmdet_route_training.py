@@ -27,8 +27,8 @@ from mmengine.registry import DefaultScope
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.converters.in_memory import convert_for_model
 from ddetr_plugin.engine import DatasetModelMismatchError
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 COCO_CLASSES = 80
 # Two images, batch size 2: one training iteration.
 ONE_ITERATION = [

@@ -9,7 +9,7 @@ import os.path as osp
 import pytest
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import REPO
 
 
 def _load_tool(name):

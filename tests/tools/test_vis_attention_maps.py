@@ -17,8 +17,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.engine import launch
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join('tools', 'analysis_tools', 'vis_attention_maps.py')
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'conditional-detr_toy.py')
 # The toy config with 32 channels, 2 heads, 1 encoder and 2 decoder

@@ -18,8 +18,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.engine import launch
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join('tools', 'analysis_tools', 'vis_sampling_points.py')
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 R50_CONFIGS = ('deformable-detr_r50_16xb2-50e_coco.py',
