@@ -10,7 +10,6 @@ only, ``query_scale`` and ``ref_point_head`` MLPs, the decoder's final
 independently of the converter's rename table.
 """
 import argparse
-import importlib.util
 import os.path as osp
 from collections import OrderedDict
 
@@ -23,6 +22,7 @@ from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import load_converted
 from ddetr_plugin.converters import official as converter
+from testkit import load_script
 
 HERE = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(osp.dirname(HERE))
@@ -35,20 +35,10 @@ DEFORMABLE_CONFIG = osp.join(REPO, 'configs', 'deformable_detr',
                              'deformable-detr_r50_16xb2-50e_coco.py')
 EMBED_DIMS, FFN_DIMS, NUM_LAYERS, NUM_QUERIES = 256, 2048, 6, 300
 
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # The fake official Deformable-DETR checkpoints and ResNet-50 shapes.
-deformable = _load('official_deformable',
-                   osp.join(HERE, 'test_converter_official.py'))
-tool = _load(
-    'official_to_plugin',
-    osp.join(REPO, 'tools', 'model_converters', 'official_to_plugin.py'))
+deformable = load_script(
+    osp.join(HERE, 'test_converter_official.py'), 'official_deformable')
+tool = load_script('tools/model_converters/official_to_plugin.py')
 
 
 def official_shapes() -> 'OrderedDict[str, tuple]':

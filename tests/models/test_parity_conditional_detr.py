@@ -15,7 +15,6 @@ config file and adds only the plugin's two lines, in mmdet's scope; mmdet's
 state dict then loads into it as it is, renamed in memory.
 """
 import copy
-import importlib.util
 import os.path as osp
 
 import mmdet
@@ -28,6 +27,7 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import (CheckpointMismatchError, check_state_dict,
                                      convert_mmdet_state_dict, load_converted)
 from ddetr_plugin.converters.layouts import foreign_layout
+from testkit import load_script
 
 pytest.importorskip('scipy')
 
@@ -46,11 +46,8 @@ model = dict(_scope_='ddetr_plugin')
 
 def _load_deformable_parity():
     """The Deformable DETR parity tests' batch and comparison helpers."""
-    spec = importlib.util.spec_from_file_location(
-        'deformable_parity', osp.join(HERE, 'test_parity_mmdet.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(HERE, 'test_parity_mmdet.py'), 'deformable_parity')
 
 
 parity = _load_deformable_parity()

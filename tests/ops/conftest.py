@@ -5,7 +5,6 @@ Tests get the builders as fixtures (pytest imports test files with
 the CPU emulation of the CUDA kernels as the ``emulator`` fixture. Shapes are
 kept tiny so the suite stays fast on two CPU cores.
 """
-import importlib.util
 import os
 import os.path as osp
 from typing import List, Sequence, Tuple
@@ -14,6 +13,8 @@ import pytest
 import torch
 from filelock import FileLock
 from torch import Tensor
+
+from testkit import load_script
 
 
 def level_tensors(level_shapes: Sequence[Tuple[int, int]]):
@@ -164,11 +165,8 @@ EMULATION_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'cuda_emulation')
 
 def load_emulator_module():
     """``cuda_emulation/emulator.py``, imported by path."""
-    path = osp.join(EMULATION_DIR, 'emulator.py')
-    spec = importlib.util.spec_from_file_location('cuda_emulation', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(EMULATION_DIR, 'emulator.py'), 'cuda_emulation')
 
 
 def build_once_per_run(module, tmp_path_factory) -> str:

@@ -6,7 +6,6 @@ toy images, so that a run takes seconds on a CPU. The tiny config inherits
 the toy config and changes only sizes, so the tools, hooks, data set and
 model code paths are those of ``make demo``.
 """
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -18,7 +17,7 @@ from typing import Dict, Optional, Sequence
 
 import pytest
 
-from testkit import REPO
+from testkit import REPO, load_script
 
 HERE = osp.dirname(osp.abspath(__file__))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
@@ -176,19 +175,12 @@ def write_mmdet_tiny_config(folder: str,
     return path
 
 
-def _load_generator():
-    path = osp.join(REPO, 'tools', 'misc', 'make_toy_dataset.py')
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='session')
 def toy_data(tmp_path_factory) -> str:
     """Eight training and four validation toy images."""
     out_dir = str(tmp_path_factory.mktemp('toy_data'))
-    _load_generator().generate(out_dir, seed=3, num_train=8, num_val=4)
+    load_script('tools/misc/make_toy_dataset.py').generate(
+        out_dir, seed=3, num_train=8, num_val=4)
     return out_dir
 
 
