@@ -21,11 +21,9 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import official as converter
-from testkit import REPO
+from testkit import REPO, mmdet_mim
 
-MMDET_CONFIG_DIR = osp.join(
-    osp.dirname(__import__('mmdet').__file__), '.mim', 'configs',
-    'deformable_detr')
+MMDET_CONFIG_DIR = mmdet_mim('configs', 'deformable_detr')
 CONFIG_NAMES = {
     'plain': 'deformable-detr_r50_16xb2-50e_coco.py',
     'refine': 'deformable-detr-refine_r50_16xb2-50e_coco.py',

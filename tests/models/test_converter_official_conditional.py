@@ -13,7 +13,6 @@ import argparse
 import os.path as osp
 from collections import OrderedDict
 
-import mmdet
 import pytest
 import torch
 from mmdet.registry import MODELS as MMDET_MODELS
@@ -22,13 +21,12 @@ from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import load_converted
 from ddetr_plugin.converters import official as converter
-from testkit import load_script
+from testkit import REPO, load_script, mmdet_mim
 
 HERE = osp.dirname(osp.abspath(__file__))
-REPO = osp.dirname(osp.dirname(HERE))
-MMDET_CONFIG = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'conditional_detr',
-    'conditional-detr_r50_8xb2-50e_coco.py')
+
+MMDET_CONFIG = mmdet_mim('configs', 'conditional_detr',
+                         'conditional-detr_r50_8xb2-50e_coco.py')
 PLUGIN_CONFIG = osp.join(REPO, 'configs', 'conditional_detr',
                          'conditional-detr_r50_8xb2-50e_coco.py')
 DEFORMABLE_CONFIG = osp.join(REPO, 'configs', 'deformable_detr',

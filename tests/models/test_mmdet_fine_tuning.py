@@ -10,7 +10,6 @@ import logging
 import os.path as osp
 from types import SimpleNamespace
 
-import mmdet
 import pytest
 import torch
 from mmengine.config import Config
@@ -23,11 +22,10 @@ from ddetr_plugin.engine.checkpoint_check import (CheckpointMismatchError,
                                                   check_checkpoint_matches)
 from ddetr_plugin.engine.mmdet_checkpoint_hook import MmdetCheckpointHook
 from ddetr_plugin.registry import MODELS
-from testkit import REPO
+from testkit import REPO, mmdet_mim
 
 CONFIG = 'deformable-detr-refine_r50_16xb2-50e_coco.py'
-MMDET_CONFIG = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr', CONFIG)
+MMDET_CONFIG = mmdet_mim('configs', 'deformable_detr', CONFIG)
 PLUGIN_CONFIG = osp.join(REPO, 'configs', 'deformable_detr', CONFIG)
 CLASS_KEY = 'bbox_head.cls_branches.0.weight'
 

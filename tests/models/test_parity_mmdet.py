@@ -15,7 +15,6 @@ state dict then loads into it as it is, renamed in memory.
 import copy
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
 from mmdet.structures import DetDataSample
@@ -26,12 +25,11 @@ from mmengine.structures import InstanceData
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
 from ddetr_plugin.converters.in_memory import rename_for_model
-from testkit import REPO
+from testkit import PLUGIN_LINES, REPO, mmdet_mim
 
 pytest.importorskip('scipy')
 
-MMDET_CONFIGS = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr')
+MMDET_CONFIGS = mmdet_mim('configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 VARIANTS = [
     'deformable-detr_r50_16xb2-50e_coco.py',
@@ -62,13 +60,6 @@ def shrink(model_cfg, plugin: bool):
     _no_dropout_layers(model_cfg,
                        model_cfg.transformer if plugin else model_cfg)
     return model_cfg
-
-
-# The plugin's two lines, added to mmdet's own config.
-INHERITING_CONFIG = """_base_ = 'mmdet::deformable_detr/{variant}'
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
 
 
 def shrink_tiny(model_cfg):
@@ -167,7 +158,8 @@ def build_from_mmdet_config(variant: str, folder):
     # near-ties would otherwise swap places on rounding differences.
     reference = build_reference(variant, shrink_tiny, noise=0.1)
     path = folder / 'inheriting.py'
-    path.write_text(INHERITING_CONFIG.format(variant=variant))
+    path.write_text(
+        PLUGIN_LINES.format(base=f'mmdet::deformable_detr/{variant}'))
     cfg = Config.fromfile(str(path))
     assert cfg.default_scope == 'mmdet'
     with DefaultScope.overwrite_default_scope(cfg.default_scope):

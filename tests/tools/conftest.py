@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 
 import pytest
 
-from testkit import REPO, load_script
+from testkit import PLUGIN_LINES, REPO, load_script
 
 HERE = osp.dirname(osp.abspath(__file__))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
@@ -134,11 +134,6 @@ model = dict(
 # Box refinement: mmdet's two-stage variant only fits 256 channels.
 MMDET_BASE = ('mmdet::deformable_detr/'
               'deformable-detr-refine_r50_16xb2-50e_coco.py')
-# mmdet's config plus the plugin's two lines.
-PLUGIN_CONFIG = """_base_ = {base!r}
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
 
 
 def toy_classes(toy_data: str) -> tuple:
@@ -171,7 +166,7 @@ def write_mmdet_tiny_config(folder: str,
                 max_epochs=max_epochs))
     if plugin:
         with open(path, 'w') as file:
-            file.write(PLUGIN_CONFIG.format(base=mmdet_path))
+            file.write(PLUGIN_LINES.format(base=mmdet_path))
     return path
 
 
