@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from testkit import load_script
+from testkit import cuda_kernel_missing_reason, load_script
 
 
 def level_tensors(level_shapes: Sequence[Tuple[int, int]]):
@@ -202,3 +202,25 @@ def emulator_fixture(tmp_path_factory):
             raise
         pytest.skip(str(error))
     return module.EmulatedKernels(library)
+
+
+class CudaKernels:
+    """The compiled op's CUDA kernels, called through the dispatcher."""
+    device = 'cuda'
+
+    def run(self, inputs, grad_output):
+        """Output and the three gradients straight from the kernels."""
+        output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+        gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+            grad_output, *inputs)
+        torch.cuda.synchronize()
+        return (output, *gradients)
+
+
+@pytest.fixture(name='cuda_kernel')
+def cuda_kernel_fixture():
+    """Skips the test, with the reason, unless the CUDA kernels can run."""
+    reason = cuda_kernel_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return CudaKernels()

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
-from testkit import load_script
+from testkit import load_script, needs_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / 'tools' / 'misc' / 'gpu_check'
@@ -82,9 +81,7 @@ def test_payload_holds_only_the_kernel_sources_and_wheels(payload):
     assert any('extra.txt is not in the manifest' in line for line in problems)
 
 
-@pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+@needs_extension
 def test_cpu_mode_runs_every_stage(payload, tmp_path):
     out = tmp_path / 'out'
     environment = dict(

@@ -4,6 +4,7 @@ Tests run with ``--import-mode=importlib``, so a test module cannot import
 a sibling or a conftest. This folder is on ``sys.path`` instead (pytest's
 ``pythonpath`` option in pyproject.toml, read by every xdist worker too),
 and a test imports what it needs with ``from testkit import ...``.
+``needs_extension`` marks a test that needs the compiled op.
 
 Importing this module imports neither mmdet nor CUDA: the GPU machine runs
 the op tests with torch alone.
@@ -77,14 +78,34 @@ def build_mmdet_model(model_cfg):
         return MODELS.build(model_cfg)
 
 
-def _extension_missing_reason():
-    from ddetr_plugin.ops import extension_error, extension_loaded
+def extension_missing_reason():
+    """Why the compiled op (``ddetr_plugin._C``) cannot run here, or None."""
+    from ddetr_plugin.ops.extension import extension_error, extension_loaded
     if extension_loaded():
         return None
     return f'ddetr_plugin._C did not load: {extension_error()}'
 
 
-# Marks a test that needs the compiled op (the C++ CPU kernel).
-needs_extension = pytest.mark.skipif(
-    _extension_missing_reason() is not None,
-    reason=str(_extension_missing_reason()))
+def cuda_kernel_missing_reason():
+    """Why the op's CUDA kernels cannot run here, or None. Touches CUDA
+    only when called (from a fixture or test), never at import."""
+    import torch
+    if not torch.cuda.is_available():
+        return 'no CUDA device (torch.cuda.is_available() is False)'
+    reason = extension_missing_reason()
+    if reason is not None:
+        return reason
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            'ddetr_plugin::ms_deform_attn_forward', 'CUDA'):
+        return ('ddetr_plugin._C has no CUDA kernel (built without CUDA); '
+                'rebuild with nvcc and a CUDA build of torch')
+    return None
+
+
+def __getattr__(name: str):
+    # ``needs_extension`` loads the op, so it is made on first use: the
+    # tool tests import this module without loading ddetr_plugin.
+    if name == 'needs_extension':
+        reason = extension_missing_reason()
+        return pytest.mark.skipif(reason is not None, reason=str(reason))
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
