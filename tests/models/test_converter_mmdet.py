@@ -13,7 +13,7 @@ from ddetr_plugin.converters import (CheckpointMismatchError,
 from ddetr_plugin.converters.in_memory import (rename_for_model,
                                                reorder_optimizer_state)
 from ddetr_plugin.registry import MODELS
-from testkit import PLUGIN_LINES, REPO, mmdet_mim
+from testkit import PLUGIN_LINES, REPO, build_in_mmdet_scope, mmdet_mim
 
 MMDET_CONFIGS = mmdet_mim('configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
@@ -32,11 +32,7 @@ def model_cfg(directory, variant):
 
 
 def mmdet_state_dict(variant):
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS as MMDET_MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        model = MMDET_MODELS.build(model_cfg(MMDET_CONFIGS, variant))
+    model = build_in_mmdet_scope(model_cfg(MMDET_CONFIGS, variant))
     # mmdet allocates level_embed uninitialised until init_weights: its
     # bytes may hold NaN, which no equality check accepts.
     model.init_weights()

@@ -15,13 +15,12 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import load_converted
 from ddetr_plugin.converters import official as converter
-from testkit import REPO, load_script, mmdet_mim
+from testkit import REPO, build_in_mmdet_scope, load_script, mmdet_mim
 
 HERE = osp.dirname(osp.abspath(__file__))
 
@@ -117,8 +116,7 @@ def test_converted_weights_load_strictly_into_mmdet(checkpoint):
     state_dict = converter.official_to_mmdet_state_dict(checkpoint)
     config = Config.fromfile(MMDET_CONFIG)
     config.model.backbone.init_cfg = None
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MMDET_MODELS.build(config.model)
+    model = build_in_mmdet_scope(config.model)
     model.load_state_dict(state_dict, strict=True)
     assert len(state_dict) == len(model.state_dict()) == 617
     mmdet_state = model.state_dict()

@@ -25,7 +25,7 @@ from mmengine.structures import InstanceData
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
 from ddetr_plugin.converters.in_memory import rename_for_model
-from testkit import PLUGIN_LINES, REPO, mmdet_mim
+from testkit import PLUGIN_LINES, REPO, build_in_mmdet_scope, mmdet_mim
 
 pytest.importorskip('scipy')
 
@@ -93,11 +93,7 @@ def build_reference(variant: str,
     """mmdet's shrunk model with perturbed random weights."""
     mmdet_cfg = resize(Config.fromfile(osp.join(MMDET_CONFIGS, variant)).model)
     torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS as MMDET_MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        reference = MMDET_MODELS.build(mmdet_cfg)
+    reference = build_in_mmdet_scope(mmdet_cfg)
     reference.init_weights()
     # Random perturbations make every parameter matter (the paper's init
     # zeroes the attention weights, for example).

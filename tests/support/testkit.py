@@ -70,7 +70,7 @@ def mmdet_scope():
         yield
 
 
-def build_mmdet_model(model_cfg):
+def build_in_mmdet_scope(model_cfg):
     """mmdet's own model of ``model_cfg`` (a config dict), built in mmdet's
     scope."""
     from mmdet.registry import MODELS
