@@ -9,10 +9,9 @@ import shutil
 
 import pytest
 
-from testkit import load_script
+from testkit import load_script, repo_path
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'misc', 'cuda_compile_check.py')
+TOOL = repo_path('tools', 'misc', 'cuda_compile_check.py')
 
 
 @pytest.fixture(name='tool')
