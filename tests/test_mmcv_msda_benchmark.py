@@ -6,7 +6,8 @@ import os.path as osp
 import subprocess
 import sys
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from testkit import REPO
+
 SCRIPT = osp.join(REPO, 'tools', 'analysis_tools', 'benchmark_mmcv_models.py')
 
 

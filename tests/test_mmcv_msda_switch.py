@@ -4,7 +4,6 @@
 (enable, disable, the context manager, the checks of mmcv's module).
 """
 import json
-import os.path as osp
 import subprocess
 import sys
 import warnings
@@ -17,8 +16,8 @@ from mmcv.ops import multi_scale_deform_attn as mmcv_module
 
 from ddetr_plugin import mmcv_patch
 from ddetr_plugin.mmcv_patch import core, switch
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MMCV_NAMES = ('multi_scale_deformable_attn_pytorch',
               'MultiScaleDeformableAttnFunction')
 MMCV_OBJECTS = tuple(getattr(mmcv_module, name) for name in MMCV_NAMES)

@@ -1,5 +1,4 @@
 """The plugin's scope sits beside mmdet's without replacing anything."""
-import os.path as osp
 
 import pytest
 from mmdet.registry import MODELS as MMDET_MODELS
@@ -10,6 +9,7 @@ from mmengine.registry import DefaultScope
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.registry import MODELS, SCOPE, TASK_UTILS
+from testkit import repo_path
 
 # name -> (plugin registry, mmdet's registry holding the built-in class)
 SHARED_NAMES = {
@@ -80,9 +80,7 @@ def test_config_with_custom_imports_builds_plugin_classes(tmp_path):
     assert _package(type(backbone)) == 'mmdet'
 
 
-TOY_CONFIG = osp.join(
-    osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'toy',
-    'deformable-detr_toy.py')
+TOY_CONFIG = repo_path('configs', 'toy', 'deformable-detr_toy.py')
 
 
 @pytest.mark.parametrize('default_scope', ['mmdet', 'mmengine', SCOPE])

@@ -21,6 +21,7 @@ from mmengine.registry import DefaultScope
 from ddetr_plugin.deployment import (example_images, export_detector,
                                      torch_export)
 from ddetr_plugin.registry import MODELS
+from testkit import load_script
 
 EMBED_DIMS = 32
 # The fixed size the export tool writes, and the images run through it:
@@ -127,14 +128,8 @@ def dynamic_onnx(conditional, checkpoint):
         program, str(folder / 'dynamic.onnx'), metadata=dataset_meta)
 
 
-def load_tool(toy, *parts):
-    import importlib.util
-    path = osp.join(toy.repo, *parts)
-    spec = importlib.util.spec_from_file_location(
-        'conditional_' + parts[-1][:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool(*parts):
+    return load_script(osp.join(*parts), 'conditional_' + parts[-1][:-3])
 
 
 def test_scores_are_spread(toy, conditional):
@@ -194,7 +189,7 @@ def test_export_tool_writes_a_fixed_size_model(toy, conditional, checkpoint,
     model, _ = conditional
     folder, config_path, checkpoint_path, _ = checkpoint
     path = str(folder / 'fixed.onnx')
-    tool = load_tool(toy, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_tool('tools', 'deployment', 'export_onnx.py')
     assert tool.main([
         config_path, checkpoint_path, '--out', path, '--shape',
         *map(str, TOOL_SHAPE)
@@ -216,7 +211,7 @@ def test_export_tool_writes_a_fixed_size_model(toy, conditional, checkpoint,
 def test_export_tool_refuses_sampling_for_dense_attention(toy, checkpoint):
     folder, config_path, checkpoint_path, _ = checkpoint
     path = folder / 'gather.onnx'
-    tool = load_tool(toy, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_tool('tools', 'deployment', 'export_onnx.py')
     with pytest.raises(ValueError) as error:
         tool.main([
             config_path, checkpoint_path, '--out',

@@ -10,7 +10,6 @@ x), and the tool exports for a fixed 96 x 128: every image is padded into
 the model's input, the model masks the padding from the image size given
 with it, and the boxes are mapped back with different x and y factors.
 """
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -26,21 +25,13 @@ from mmengine.config import Config
 
 from ddetr_plugin.deployment import config_inputs, example_images
 from ddetr_plugin.deployment.requirements import require
+from testkit import load_script
 
 IMAGE_SIZE = 160
 # The pipelines' resize: (w, h), not keeping the ratio, and the export's
 # fixed (h, w), larger on both sides.
 RESIZED = (112, 80)
 EXPORT_SHAPE = (96, 128)
-
-
-def load_script(repo, *parts):
-    path = osp.join(repo, *parts)
-    spec = importlib.util.spec_from_file_location('script_' + parts[-1][:-3],
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def training_config(toy, data_root: str) -> Config:
@@ -76,7 +67,7 @@ def checkpoint(toy, compiled_op, tmp_path_factory):
     """The config, the trained checkpoint and the data of the model."""
     folder = tmp_path_factory.mktemp('export_tool')
     data_root = str(folder / 'data')
-    generator = load_script(toy.repo, 'tools', 'misc', 'make_toy_dataset.py')
+    generator = load_script('tools/misc/make_toy_dataset.py')
     generator.generate(
         data_root, seed=5, num_train=48, num_val=16, image_size=IMAGE_SIZE)
     config_path = str(folder / 'config.py')
@@ -103,7 +94,7 @@ def checkpoint(toy, compiled_op, tmp_path_factory):
 def exported(toy, checkpoint):
     folder, config_path, checkpoint_path, _ = checkpoint
     onnx_path = str(folder / 'model.onnx')
-    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_script('tools/deployment/export_onnx.py')
     assert tool.main([
         config_path, checkpoint_path, '--out', onnx_path, '--shape',
         *map(str, EXPORT_SHAPE)
@@ -138,7 +129,7 @@ def test_export_size_defaults_to_the_test_scale(toy):
 def test_onnx_runtime_gives_the_pytorch_map(toy, checkpoint, exported):
     folder, config_path, checkpoint_path, _ = checkpoint
     out_json = str(folder / 'metrics.json')
-    tool = load_script(toy.repo, 'tools', 'deployment', 'test_onnx.py')
+    tool = load_script('tools/deployment/test_onnx.py')
     assert tool.main([
         config_path, exported, '--weights', checkpoint_path, '--threads', '1',
         '--out-json', out_json
@@ -163,7 +154,7 @@ def test_onnx_tool_refuses_other_classes_before_running(
     cfg.test_dataloader.dataset.metainfo.classes = other_classes
     other_config = str(folder / 'other_classes.py')
     cfg.dump(other_config)
-    tool = load_script(toy.repo, 'tools', 'deployment', 'test_onnx.py')
+    tool = load_script('tools/deployment/test_onnx.py')
 
     def evaluate(*args):
         raise AssertionError('the split ran before the classes were checked')
@@ -199,7 +190,7 @@ def padded_pytorch_detections(toy, config_path, checkpoint_path, onnx_path,
     onnx_model = OnnxTestModel(cfg, onnx_path, num_threads=1)
     data = inference_pipeline(cfg.test_dataloader.dataset.pipeline)(
         dict(img_path=image_path, img_id=0))
-    tool = load_script(toy.repo, 'tools', 'deployment', 'test_onnx.py')
+    tool = load_script('tools/deployment/test_onnx.py')
     with torch.no_grad():
         sample, = tool.pytorch_test_step(model, onnx_model)(
             dict(inputs=[data['inputs']], data_samples=[data['data_samples']]))
@@ -222,7 +213,7 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
     image_path = osp.join(data_root, 'val', '000000.png')
     image = mmcv.imread(image_path)
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-    demo = load_script(toy.repo, 'demo', 'image_demo.py')
+    demo = load_script('demo/image_demo.py')
     runs = {}
     for name, model_args in (('pytorch', ['--weights', checkpoint_path]),
                              ('onnx', ['--onnx', exported])):
@@ -258,7 +249,7 @@ def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
     onnx = require('onnx', 'This test')
     folder, config_path, checkpoint_path, _ = checkpoint
     path = str(folder / 'trt_plugin.onnx')
-    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_script('tools/deployment/export_onnx.py')
     assert tool.main([
         config_path, checkpoint_path, '--out', path, '--sampling', 'trt_plugin'
     ]) == 0
@@ -273,7 +264,7 @@ def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
 @pytest.mark.parametrize('sampling', ['grid_sample', 'gather'])
 def test_export_tool_refuses_an_opset_below_17_for_every_sampling(
         toy, sampling):
-    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_script('tools/deployment/export_onnx.py')
     with pytest.raises(ValueError) as error:
         tool.main([
             'config.py', 'model.pth', '--out', 'model.onnx', '--opset', '15',
@@ -288,7 +279,7 @@ def test_export_tool_refuses_an_opset_below_17_for_every_sampling(
 
 @pytest.mark.parametrize('shape', [(64, 64), (96, 4097)])
 def test_export_tool_checks_the_dynamic_size_limits(toy, shape):
-    tool = load_script(toy.repo, 'tools', 'deployment', 'export_onnx.py')
+    tool = load_script('tools/deployment/export_onnx.py')
     # Refused before the checkpoint is read, which does not exist.
     with pytest.raises(ValueError, match=r'65 to 4096 px.*--shape H W'):
         tool.main([

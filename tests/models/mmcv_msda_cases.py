@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from mmcv.ops import MultiScaleDeformableAttention
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import REPO
+
 # The benchmark of these models builds them and their data: the tests
 # build them the same way, at test size.
 TOOLS = osp.join(REPO, 'tools', 'analysis_tools')

@@ -24,8 +24,8 @@ from ddetr_plugin.visualization import (AttentionCapture, Probe,
                                         detection_queries, encoder_query_index,
                                         query_points, select_detections)
 from ddetr_plugin.visualization.drawing import draw_encoder_query
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 VARIANTS = {
     'plain': 'deformable-detr_r50_16xb2-50e_coco.py',

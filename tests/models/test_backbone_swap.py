@@ -17,10 +17,10 @@ from mmengine.structures import InstanceData
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
 pytest.importorskip('scipy')
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG_DIR = osp.join(REPO, 'configs', 'deformable_detr')
 R50_CHANNELS = [512, 1024, 2048]
 

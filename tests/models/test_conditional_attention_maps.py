@@ -24,8 +24,8 @@ from ddetr_plugin.visualization.conditional_attention_maps import (
     MAP_KINDS, ConditionalAttentionCapture)
 from ddetr_plugin.visualization.feature_grid import (feature_grid, peaks,
                                                      upsample)
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'conditional-detr_toy.py')
 EMBED_DIMS = 32
 NUM_HEADS = 2

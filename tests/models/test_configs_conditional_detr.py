@@ -7,8 +7,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import ddetr_plugin  # noqa: F401
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 FOLDER = osp.join(REPO, 'configs', 'conditional_detr')
 # config -> (backbone depth, stride of the map the encoder reads)
 CONFIGS = {

@@ -2,7 +2,6 @@
 import os.path as osp
 import runpy
 
-import mmdet
 import pytest
 import torch
 from mmengine.config import Config
@@ -14,10 +13,9 @@ from ddetr_plugin.converters import (CheckpointMismatchError,
 from ddetr_plugin.converters.in_memory import (rename_for_model,
                                                reorder_optimizer_state)
 from ddetr_plugin.registry import MODELS
+from testkit import PLUGIN_LINES, REPO, build_in_mmdet_scope, mmdet_mim
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MMDET_CONFIGS = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr')
+MMDET_CONFIGS = mmdet_mim('configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 VARIANTS = [
     'deformable-detr_r50_16xb2-50e_coco.py',
@@ -34,11 +32,7 @@ def model_cfg(directory, variant):
 
 
 def mmdet_state_dict(variant):
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS as MMDET_MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        model = MMDET_MODELS.build(model_cfg(MMDET_CONFIGS, variant))
+    model = build_in_mmdet_scope(model_cfg(MMDET_CONFIGS, variant))
     # mmdet allocates level_embed uninitialised until init_weights: its
     # bytes may hold NaN, which no equality check accepts.
     model.init_weights()
@@ -124,12 +118,6 @@ def test_command_line_rejects_a_file_without_weights(tmp_path):
 
 # In-memory conversion: mmdet weights (and optimizer state) loaded as saved.
 
-# The plugin's two lines, added to mmdet's own config.
-INHERITING_CONFIG = """_base_ = 'mmdet::deformable_detr/{variant}'
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
-
 
 def test_mmdet_weights_load_directly_with_one_log_line(tmp_path, monkeypatch):
     from mmengine.runner import load_checkpoint
@@ -186,7 +174,8 @@ def test_optimizer_state_follows_the_parameters(tmp_path):
     variant = VARIANTS[2]
     mmdet_cfg = Config.fromfile(osp.join(MMDET_CONFIGS, variant))
     path = tmp_path / 'inheriting.py'
-    path.write_text(INHERITING_CONFIG.format(variant=variant))
+    path.write_text(
+        PLUGIN_LINES.format(base=f'mmdet::deformable_detr/{variant}'))
     plugin_cfg = Config.fromfile(str(path))
     with DefaultScope.overwrite_default_scope('mmdet'):
         from mmdet.registry import MODELS as MMDET_MODELS

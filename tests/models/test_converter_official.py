@@ -16,16 +16,13 @@ from collections import OrderedDict
 import pytest
 import torch
 from mmdet.datasets import CocoDataset
-from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import official as converter
+from testkit import REPO, build_in_mmdet_scope, mmdet_mim
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MMDET_CONFIG_DIR = osp.join(
-    osp.dirname(__import__('mmdet').__file__), '.mim', 'configs',
-    'deformable_detr')
+MMDET_CONFIG_DIR = mmdet_mim('configs', 'deformable_detr')
 CONFIG_NAMES = {
     'plain': 'deformable-detr_r50_16xb2-50e_coco.py',
     'refine': 'deformable-detr-refine_r50_16xb2-50e_coco.py',
@@ -181,8 +178,7 @@ def build_mmdet_model(variant: str):
     config = Config.fromfile(osp.join(MMDET_CONFIG_DIR, CONFIG_NAMES[variant]))
     config.model.backbone.init_cfg = None
     config.model.neck.bias = True
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        return MMDET_MODELS.build(config.model)
+    return build_in_mmdet_scope(config.model)
 
 
 @pytest.fixture(scope='module', params=list(CONFIG_NAMES))

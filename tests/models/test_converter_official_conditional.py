@@ -10,45 +10,32 @@ only, ``query_scale`` and ``ref_point_head`` MLPs, the decoder's final
 independently of the converter's rename table.
 """
 import argparse
-import importlib.util
 import os.path as osp
 from collections import OrderedDict
 
-import mmdet
 import pytest
 import torch
-from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from ddetr_plugin.converters import load_converted
 from ddetr_plugin.converters import official as converter
+from testkit import REPO, build_in_mmdet_scope, load_script, mmdet_mim
 
 HERE = osp.dirname(osp.abspath(__file__))
-REPO = osp.dirname(osp.dirname(HERE))
-MMDET_CONFIG = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'conditional_detr',
-    'conditional-detr_r50_8xb2-50e_coco.py')
+
+MMDET_CONFIG = mmdet_mim('configs', 'conditional_detr',
+                         'conditional-detr_r50_8xb2-50e_coco.py')
 PLUGIN_CONFIG = osp.join(REPO, 'configs', 'conditional_detr',
                          'conditional-detr_r50_8xb2-50e_coco.py')
 DEFORMABLE_CONFIG = osp.join(REPO, 'configs', 'deformable_detr',
                              'deformable-detr_r50_16xb2-50e_coco.py')
 EMBED_DIMS, FFN_DIMS, NUM_LAYERS, NUM_QUERIES = 256, 2048, 6, 300
 
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # The fake official Deformable-DETR checkpoints and ResNet-50 shapes.
-deformable = _load('official_deformable',
-                   osp.join(HERE, 'test_converter_official.py'))
-tool = _load(
-    'official_to_plugin',
-    osp.join(REPO, 'tools', 'model_converters', 'official_to_plugin.py'))
+deformable = load_script(
+    osp.join(HERE, 'test_converter_official.py'), 'official_deformable')
+tool = load_script('tools/model_converters/official_to_plugin.py')
 
 
 def official_shapes() -> 'OrderedDict[str, tuple]':
@@ -129,8 +116,7 @@ def test_converted_weights_load_strictly_into_mmdet(checkpoint):
     state_dict = converter.official_to_mmdet_state_dict(checkpoint)
     config = Config.fromfile(MMDET_CONFIG)
     config.model.backbone.init_cfg = None
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MMDET_MODELS.build(config.model)
+    model = build_in_mmdet_scope(config.model)
     model.load_state_dict(state_dict, strict=True)
     assert len(state_dict) == len(model.state_dict()) == 617
     mmdet_state = model.state_dict()

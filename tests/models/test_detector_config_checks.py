@@ -13,8 +13,8 @@ from mmengine.config import Config, DictAction
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
 
 

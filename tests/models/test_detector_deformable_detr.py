@@ -12,10 +12,10 @@ from mmengine.structures import InstanceData
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError, load_converted
 from ddetr_plugin.registry import MODELS
+from testkit import REPO
 
 pytest.importorskip('scipy')
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 BASE = 'deformable-detr_r50_16xb2-50e_coco.py'
 REFINE = 'deformable-detr-refine_r50_16xb2-50e_coco.py'

@@ -10,7 +10,6 @@ import logging
 import os.path as osp
 from types import SimpleNamespace
 
-import mmdet
 import pytest
 import torch
 from mmengine.config import Config
@@ -23,11 +22,10 @@ from ddetr_plugin.engine.checkpoint_check import (CheckpointMismatchError,
                                                   check_checkpoint_matches)
 from ddetr_plugin.engine.mmdet_checkpoint_hook import MmdetCheckpointHook
 from ddetr_plugin.registry import MODELS
+from testkit import REPO, build_in_mmdet_scope, mmdet_mim
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = 'deformable-detr-refine_r50_16xb2-50e_coco.py'
-MMDET_CONFIG = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr', CONFIG)
+MMDET_CONFIG = mmdet_mim('configs', 'deformable_detr', CONFIG)
 PLUGIN_CONFIG = osp.join(REPO, 'configs', 'deformable_detr', CONFIG)
 CLASS_KEY = 'bbox_head.cls_branches.0.weight'
 
@@ -45,12 +43,8 @@ def small(model_cfg, num_classes):
 @pytest.fixture(scope='module')
 def coco_checkpoint(tmp_path_factory):
     """mmdet's refinement model with 80 classes, saved as mmdet saves it."""
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS as MMDET_MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        model = MMDET_MODELS.build(
-            small(Config.fromfile(MMDET_CONFIG).model, num_classes=80))
+    model = build_in_mmdet_scope(
+        small(Config.fromfile(MMDET_CONFIG).model, num_classes=80))
     model.init_weights()
     path = str(tmp_path_factory.mktemp('mmdet') / 'coco.pth')
     torch.save(dict(state_dict=model.state_dict(), meta=dict(epoch=50)), path)

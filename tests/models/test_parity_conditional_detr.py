@@ -15,10 +15,8 @@ config file and adds only the plugin's two lines, in mmdet's scope; mmdet's
 state dict then loads into it as it is, renamed in memory.
 """
 import copy
-import importlib.util
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
 from mmengine.config import Config
@@ -28,29 +26,22 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import (CheckpointMismatchError, check_state_dict,
                                      convert_mmdet_state_dict, load_converted)
 from ddetr_plugin.converters.layouts import foreign_layout
+from testkit import PLUGIN_LINES, REPO, load_script, mmdet_mim
 
 pytest.importorskip('scipy')
 
 HERE = osp.dirname(osp.abspath(__file__))
-REPO = osp.dirname(osp.dirname(HERE))
-MMDET_CONFIG = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'conditional_detr',
-    'conditional-detr_r50_8xb2-50e_coco.py')
+
+MMDET_CONFIG = mmdet_mim('configs', 'conditional_detr',
+                         'conditional-detr_r50_8xb2-50e_coco.py')
 PLUGIN_CONFIG = osp.join(REPO, 'configs', 'conditional_detr',
                          'conditional-detr_r50_8xb2-50e_coco.py')
-INHERITING_CONFIG = """_base_ = 'mmdet::conditional_detr/{name}'
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
 
 
 def _load_deformable_parity():
     """The Deformable DETR parity tests' batch and comparison helpers."""
-    spec = importlib.util.spec_from_file_location(
-        'deformable_parity', osp.join(HERE, 'test_parity_mmdet.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(HERE, 'test_parity_mmdet.py'), 'deformable_parity')
 
 
 parity = _load_deformable_parity()
@@ -95,7 +86,9 @@ def build_inheriting_pair(folder):
     plugin's two lines; mmdet's own state dict loaded as it is."""
     reference = parity.build_reference(MMDET_CONFIG, shrink, noise=0.1)
     path = folder / 'inheriting.py'
-    path.write_text(INHERITING_CONFIG.format(name=osp.basename(MMDET_CONFIG)))
+    path.write_text(
+        PLUGIN_LINES.format(base='mmdet::conditional_detr/' +
+                            osp.basename(MMDET_CONFIG)))
     cfg = Config.fromfile(str(path))
     assert cfg.default_scope == 'mmdet'
     with DefaultScope.overwrite_default_scope(cfg.default_scope):

@@ -15,7 +15,6 @@ state dict then loads into it as it is, renamed in memory.
 import copy
 import os.path as osp
 
-import mmdet
 import pytest
 import torch
 from mmdet.structures import DetDataSample
@@ -26,12 +25,11 @@ from mmengine.structures import InstanceData
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import convert_mmdet_state_dict, load_converted
 from ddetr_plugin.converters.in_memory import rename_for_model
+from testkit import PLUGIN_LINES, REPO, build_in_mmdet_scope, mmdet_mim
 
 pytest.importorskip('scipy')
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-MMDET_CONFIGS = osp.join(
-    osp.dirname(mmdet.__file__), '.mim', 'configs', 'deformable_detr')
+MMDET_CONFIGS = mmdet_mim('configs', 'deformable_detr')
 PLUGIN_CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 VARIANTS = [
     'deformable-detr_r50_16xb2-50e_coco.py',
@@ -62,13 +60,6 @@ def shrink(model_cfg, plugin: bool):
     _no_dropout_layers(model_cfg,
                        model_cfg.transformer if plugin else model_cfg)
     return model_cfg
-
-
-# The plugin's two lines, added to mmdet's own config.
-INHERITING_CONFIG = """_base_ = 'mmdet::deformable_detr/{variant}'
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
 
 
 def shrink_tiny(model_cfg):
@@ -102,11 +93,7 @@ def build_reference(variant: str,
     """mmdet's shrunk model with perturbed random weights."""
     mmdet_cfg = resize(Config.fromfile(osp.join(MMDET_CONFIGS, variant)).model)
     torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        from mmdet.registry import MODELS as MMDET_MODELS
-        from mmdet.utils import register_all_modules
-        register_all_modules(init_default_scope=False)
-        reference = MMDET_MODELS.build(mmdet_cfg)
+    reference = build_in_mmdet_scope(mmdet_cfg)
     reference.init_weights()
     # Random perturbations make every parameter matter (the paper's init
     # zeroes the attention weights, for example).
@@ -167,7 +154,8 @@ def build_from_mmdet_config(variant: str, folder):
     # near-ties would otherwise swap places on rounding differences.
     reference = build_reference(variant, shrink_tiny, noise=0.1)
     path = folder / 'inheriting.py'
-    path.write_text(INHERITING_CONFIG.format(variant=variant))
+    path.write_text(
+        PLUGIN_LINES.format(base=f'mmdet::deformable_detr/{variant}'))
     cfg = Config.fromfile(str(path))
     assert cfg.default_scope == 'mmdet'
     with DefaultScope.overwrite_default_scope(cfg.default_scope):

@@ -5,7 +5,6 @@ Tests get the builders as fixtures (pytest imports test files with
 the CPU emulation of the CUDA kernels as the ``emulator`` fixture. Shapes are
 kept tiny so the suite stays fast on two CPU cores.
 """
-import importlib.util
 import os
 import os.path as osp
 from typing import List, Sequence, Tuple
@@ -14,6 +13,8 @@ import pytest
 import torch
 from filelock import FileLock
 from torch import Tensor
+
+from testkit import cuda_kernel_missing_reason, load_script
 
 
 def level_tensors(level_shapes: Sequence[Tuple[int, int]]):
@@ -164,11 +165,8 @@ EMULATION_DIR = osp.join(osp.dirname(osp.abspath(__file__)), 'cuda_emulation')
 
 def load_emulator_module():
     """``cuda_emulation/emulator.py``, imported by path."""
-    path = osp.join(EMULATION_DIR, 'emulator.py')
-    spec = importlib.util.spec_from_file_location('cuda_emulation', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(EMULATION_DIR, 'emulator.py'), 'cuda_emulation')
 
 
 def build_once_per_run(module, tmp_path_factory) -> str:
@@ -204,3 +202,25 @@ def emulator_fixture(tmp_path_factory):
             raise
         pytest.skip(str(error))
     return module.EmulatedKernels(library)
+
+
+class CudaKernels:
+    """The compiled op's CUDA kernels, called through the dispatcher."""
+    device = 'cuda'
+
+    def run(self, inputs, grad_output):
+        """Output and the three gradients straight from the kernels."""
+        output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
+        gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
+            grad_output, *inputs)
+        torch.cuda.synchronize()
+        return (output, *gradients)
+
+
+@pytest.fixture(name='cuda_kernel')
+def cuda_kernel_fixture():
+    """Skips the test, with the reason, unless the CUDA kernels can run."""
+    reason = cuda_kernel_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return CudaKernels()

@@ -12,14 +12,10 @@ import pytest
 import torch
 
 from ddetr_plugin.ops import check
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
+from testkit import needs_extension
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL_CASES = ['--cases', 'small', 'odd', 'borders']
-
-needs_extension = pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
 
 
 def run_check(argv):

@@ -4,22 +4,19 @@ The checks that run nvcc use tiny sources (a second or two each) and skip
 where nvcc is missing; the full check of the real sources is ``make
 cuda-check``, too slow for the test suite.
 """
-import importlib.util
 import os.path as osp
 import shutil
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOL = osp.join(ROOT, 'tools', 'misc', 'cuda_compile_check.py')
+from testkit import load_script, repo_path
+
+TOOL = repo_path('tools', 'misc', 'cuda_compile_check.py')
 
 
 @pytest.fixture(name='tool')
 def tool_fixture():
-    spec = importlib.util.spec_from_file_location('cuda_compile_check', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL, 'cuda_compile_check')
 
 
 @pytest.fixture(name='no_nvcc')

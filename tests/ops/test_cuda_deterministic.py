@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
 
 # Launch variations: (max_blocks, reverse, shuffle_seed).
 ORDERS = [(0, False, 0), (0, True, 0), (0, False, 1), (0, False, 2),
@@ -149,16 +148,6 @@ def deterministic_algorithms_fixture():
     torch.use_deterministic_algorithms(previous)
 
 
-def skip_without_cuda_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
-    if not (extension_loaded()
-            and torch._C._dispatch_has_kernel_for_dispatch_key(
-                'ddetr_plugin::ms_deform_attn_forward', 'CUDA')):
-        pytest.skip('ddetr_plugin._C has no CUDA kernel: '
-                    f'{extension_error() or "built without CUDA"}')
-
-
 def cuda_gradients(inputs, grad_output):
     """Gradients of value, locations and weights from the CUDA op, for
     CPU ``inputs`` and ``grad_output``, returned on the GPU."""
@@ -171,11 +160,10 @@ def cuda_gradients(inputs, grad_output):
     return [leaves[index].grad for index in (0, 3, 4)]
 
 
-def test_cuda_deterministic_backward_with_no_keys(random_inputs,
+def test_cuda_deterministic_backward_with_no_keys(cuda_kernel, random_inputs,
                                                   deterministic_algorithms):
     # The launch CUDA would refuse ("invalid configuration argument") is
     # skipped: grad_value is empty, the other gradients zero.
-    skip_without_cuda_kernel()
     inputs = random_inputs(level_shapes=((0, 3), (2, 0)), dtype=torch.float32)
     grad_value, grad_locations, grad_weights = cuda_gradients(
         inputs, torch.randn(2, 3, 8))
@@ -185,12 +173,12 @@ def test_cuda_deterministic_backward_with_no_keys(random_inputs,
 
 @pytest.mark.parametrize(
     'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
-def test_cuda_gather_gives_the_cpu_runs_bits(request, random_inputs, dtype):
+def test_cuda_gather_gives_the_cpu_runs_bits(cuda_kernel, request,
+                                             random_inputs, dtype):
     # The gather's roundings are all explicit (products and fused
     # multiply-adds), so the kernels run on the CPU give the GPU's bits,
     # and only the deterministic path does: the control below shows that
     # the atomic path's value gradient differs from them.
-    skip_without_cuda_kernel()
     emulator = request.getfixturevalue('emulator')  # built only if needed
     inputs, grad_output = contended_case(random_inputs, dtype, 32)
     emulated = emulator.backward(grad_output, *inputs, deterministic=True)[0]
@@ -213,9 +201,8 @@ def test_cuda_gather_gives_the_cpu_runs_bits(request, random_inputs, dtype):
 
 @pytest.mark.parametrize(
     'dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
-def test_cuda_backward_is_bitwise_stable(random_inputs, dtype,
+def test_cuda_backward_is_bitwise_stable(cuda_kernel, random_inputs, dtype,
                                          deterministic_algorithms):
-    skip_without_cuda_kernel()
     inputs, grad_output = contended_case(random_inputs, dtype, 32)
 
     def gradients():

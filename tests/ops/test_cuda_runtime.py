@@ -8,23 +8,14 @@ import pytest
 import torch
 
 from ddetr_plugin.ops import ms_deform_attn
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
 
 FORWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_forward'
 
 
 @pytest.fixture(name='cuda_inputs')
-def cuda_inputs_fixture(random_inputs):
-    """Small float32 inputs on the GPU, or a skip saying what is missing.
-    """
-    if not torch.cuda.is_available():
-        pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
-    if not extension_loaded():
-        pytest.skip(f'ddetr_plugin._C did not load: {extension_error()}')
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            FORWARD_OPERATOR, 'CUDA'):
-        pytest.skip('ddetr_plugin._C has no CUDA kernel (built without '
-                    'CUDA)')
+def cuda_inputs_fixture(cuda_kernel, random_inputs):
+    """Small float32 inputs on the GPU; ``cuda_kernel`` skips, saying
+    what is missing, where the CUDA kernels cannot run."""
     inputs = random_inputs(
         batch_size=2,
         level_shapes=((8, 8), (4, 4), (2, 2)),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
+from testkit import load_script, needs_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = ROOT / 'tools' / 'misc' / 'gpu_check'
@@ -81,9 +81,7 @@ def test_payload_holds_only_the_kernel_sources_and_wheels(payload):
     assert any('extra.txt is not in the manifest' in line for line in problems)
 
 
-@pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+@needs_extension
 def test_cpu_mode_runs_every_stage(payload, tmp_path):
     out = tmp_path / 'out'
     environment = dict(
@@ -137,10 +135,7 @@ def test_cpu_mode_runs_every_stage(payload, tmp_path):
 
 
 def load_helper(name: str):
-    spec = importlib.util.spec_from_file_location(name, HELPERS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(str(HELPERS / f'{name}.py'))
 
 
 def junit_xml(path: Path, cases) -> str:
@@ -218,11 +213,7 @@ def test_benchmark_rows_say_fallback(tmp_path, monkeypatch, capsys):
     front = importlib.import_module('ddetr_plugin.ops.ms_deform_attn')
     monkeypatch.setattr(extension, 'kernel_device_types', frozenset)
     monkeypatch.setattr(front, 'kernel_device_types', frozenset)
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_msda',
-        ROOT / 'tools' / 'analysis_tools' / 'benchmark_msda.py')
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script('tools/analysis_tools/benchmark_msda.py')
     rows_path = tmp_path / 'rows.json'
     monkeypatch.setattr(sys, 'argv', [
         'benchmark_msda.py', '--shapes', 'decoder-bs1', '--repeat', '1',

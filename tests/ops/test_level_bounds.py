@@ -11,7 +11,7 @@ outside raises).
 import pytest
 import torch
 
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
+from testkit import needs_extension
 
 # Default inputs: 20 keys over levels (3, 5), (1, 1), (2, 2) at 0, 15, 16.
 # Each case: (spatial_shapes, level_start_index, the level that does not
@@ -24,10 +24,6 @@ BAD_TABLES = {
     # 2^62 * 4 wraps to 0 in int64: a check of start + h * w passes it.
     'overflowing size': ([[2**62, 4], [1, 1], [2, 2]], [0, 15, 16], 0),
 }
-
-needs_extension = pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
 
 
 def bad_inputs(random_inputs, name, dtype=torch.float64):
@@ -134,14 +130,8 @@ def test_emulated_kernels_skip_levels_outside_the_keys(emulator, random_inputs,
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('name', list(BAD_TABLES))
-def test_cuda_kernels_skip_levels_outside_the_keys(random_inputs, name):
-    if not torch.cuda.is_available():
-        pytest.skip('no CUDA device (torch.cuda.is_available() is False)')
-    if not (extension_loaded()
-            and torch._C._dispatch_has_kernel_for_dispatch_key(
-                'ddetr_plugin::ms_deform_attn_forward', 'CUDA')):
-        pytest.skip('ddetr_plugin._C has no CUDA kernel: '
-                    f'{extension_error() or "built without CUDA"}')
+def test_cuda_kernels_skip_levels_outside_the_keys(cuda_kernel, random_inputs,
+                                                   name):
     inputs, bad_level = bad_inputs(random_inputs, name, torch.float32)
     inputs = [tensor.cuda() for tensor in inputs]
     grad_output = torch.randn(2, 3, 8, device='cuda')

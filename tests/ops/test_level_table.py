@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddetr_plugin.ops import level_table, ms_deform_attn
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
+from testkit import needs_extension
 
 # Every Tensor method that hands values to the host.
 READ_METHODS = ('tolist', 'item', 'numpy', '__int__', '__index__', '__float__',
@@ -128,9 +128,7 @@ def test_a_new_value_size_is_checked_again(random_inputs, cpu_as_device):
         ms_deform_attn(*inputs)
 
 
-@pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+@needs_extension
 def test_fake_cuda_tensors_are_not_read(random_inputs, monkeypatch):
     # Fake tensors on a CUDA device exist without a GPU; the front must
     # reach the op's fake kernel without reading any of them. (Forward

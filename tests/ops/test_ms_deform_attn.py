@@ -13,12 +13,9 @@ import sys
 import pytest
 import torch
 
-from ddetr_plugin.ops import (extension_error, extension_loaded,
-                              ms_deform_attn, ms_deform_attn_reference)
-
-needs_extension = pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+from ddetr_plugin.ops import (extension_error, ms_deform_attn,
+                              ms_deform_attn_reference)
+from testkit import needs_extension
 
 # (atol, rtol) of the comparisons with the reference per dtype.
 TOLERANCES = {torch.float64: (1e-10, 0.0), torch.float32: (2e-5, 1e-5)}

@@ -27,8 +27,7 @@ import pytest
 import torch
 
 from ddetr_plugin.ops import ms_deform_attn, ms_deform_attn_reference
-from ddetr_plugin.ops.extension import (extension_error, extension_loaded,
-                                        kernel_device_types)
+from ddetr_plugin.ops.extension import kernel_device_types
 
 FORWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_forward'
 BACKWARD_OPERATOR = 'ddetr_plugin::ms_deform_attn_backward'
@@ -74,32 +73,6 @@ CASES = [
 ]
 
 
-def cuda_kernel_missing_reason():
-    """Why the CUDA kernels cannot be tested here, or None."""
-    if not torch.cuda.is_available():
-        return 'no CUDA device (torch.cuda.is_available() is False)'
-    if not extension_loaded():
-        return f'ddetr_plugin._C did not load: {extension_error()}'
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            FORWARD_OPERATOR, 'CUDA'):
-        return ('ddetr_plugin._C has no CUDA kernel (built without CUDA); '
-                'rebuild with nvcc and a CUDA build of torch')
-    return None
-
-
-class CudaKernels:
-    """The compiled op's CUDA kernels, called through the dispatcher."""
-    device = 'cuda'
-
-    def run(self, inputs, grad_output):
-        """Output and the three gradients straight from the kernels."""
-        output = torch.ops.ddetr_plugin.ms_deform_attn_forward(*inputs)
-        gradients = torch.ops.ddetr_plugin.ms_deform_attn_backward(
-            grad_output, *inputs)
-        torch.cuda.synchronize()
-        return (output, *gradients)
-
-
 class EmulatedKernels:
     """The kernel source run on the CPU (see cuda_emulation/)."""
     device = 'cpu'
@@ -118,15 +91,6 @@ class EmulatedKernels:
         self.forward_widths.append(width)
         self.backward_configs.append((backward_width, group_size))
         return output, grad_value, grad_locations, grad_weights
-
-
-@pytest.fixture(name='cuda_kernel')
-def cuda_kernel_fixture():
-    """Skips the test, with the reason, unless the CUDA kernels can run."""
-    reason = cuda_kernel_missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return CudaKernels()
 
 
 @pytest.fixture(

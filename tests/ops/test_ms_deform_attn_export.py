@@ -5,16 +5,13 @@ no tensor value while tracing (sizes are symbolic, tensors fake) and leave
 one ``ddetr_plugin.ms_deform_attn_forward`` node that its fake kernel
 describes.
 """
-import pytest
 import torch
 from torch import nn
 
 from ddetr_plugin.ops import ms_deform_attn
-from ddetr_plugin.ops.extension import extension_error, extension_loaded
+from testkit import needs_extension
 
-pytestmark = pytest.mark.skipif(
-    not extension_loaded(),
-    reason=f'ddetr_plugin._C did not load: {extension_error()}')
+pytestmark = needs_extension
 
 
 class TinyAttention(nn.Module):

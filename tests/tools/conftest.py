@@ -6,7 +6,6 @@ toy images, so that a run takes seconds on a CPU. The tiny config inherits
 the toy config and changes only sizes, so the tools, hooks, data set and
 model code paths are those of ``make demo``.
 """
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -18,7 +17,8 @@ from typing import Dict, Optional, Sequence
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import PLUGIN_LINES, REPO, load_script
+
 HERE = osp.dirname(osp.abspath(__file__))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
 
@@ -134,11 +134,6 @@ model = dict(
 # Box refinement: mmdet's two-stage variant only fits 256 channels.
 MMDET_BASE = ('mmdet::deformable_detr/'
               'deformable-detr-refine_r50_16xb2-50e_coco.py')
-# mmdet's config plus the plugin's two lines.
-PLUGIN_CONFIG = """_base_ = {base!r}
-custom_imports = dict(imports=['ddetr_plugin'], allow_failed_imports=False)
-model = dict(_scope_='ddetr_plugin')
-"""
 
 
 def toy_classes(toy_data: str) -> tuple:
@@ -171,23 +166,16 @@ def write_mmdet_tiny_config(folder: str,
                 max_epochs=max_epochs))
     if plugin:
         with open(path, 'w') as file:
-            file.write(PLUGIN_CONFIG.format(base=mmdet_path))
+            file.write(PLUGIN_LINES.format(base=mmdet_path))
     return path
-
-
-def _load_generator():
-    path = osp.join(REPO, 'tools', 'misc', 'make_toy_dataset.py')
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='session')
 def toy_data(tmp_path_factory) -> str:
     """Eight training and four validation toy images."""
     out_dir = str(tmp_path_factory.mktemp('toy_data'))
-    _load_generator().generate(out_dir, seed=3, num_train=8, num_val=4)
+    load_script('tools/misc/make_toy_dataset.py').generate(
+        out_dir, seed=3, num_train=8, num_val=4)
     return out_dir
 
 

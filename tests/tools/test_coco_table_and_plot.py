@@ -1,5 +1,4 @@
 """The saved COCO table and the training-curve plot, on synthetic input."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -8,8 +7,7 @@ import sys
 import pytest
 
 from ddetr_plugin.engine.coco_table import CocoTableRecorder
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import load_script
 
 TABLE = [
     ' Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]'
@@ -20,11 +18,7 @@ TABLE = [
 
 
 def _load_plot_tool():
-    path = osp.join(REPO, 'tools', 'analysis_tools', 'plot_training.py')
-    spec = importlib.util.spec_from_file_location('plot_training', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/analysis_tools/plot_training.py')
 
 
 def test_recorder_keeps_each_printed_table_and_restores_stdout(capsys):

@@ -13,12 +13,13 @@
   step.
 """
 import glob
-import importlib.util
 import os.path as osp
 import re
 
 import numpy as np
 import pytest
+
+from testkit import load_script
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +29,8 @@ TOY_CONFIG = 'configs/toy/conditional-detr_toy.py'
 
 def _load_mmdet_checkpoint_tests():
     """The Deformable DETR mmdet-checkpoint tests' config writer."""
-    spec = importlib.util.spec_from_file_location(
-        'mmdet_checkpoint_tests', osp.join(HERE, 'test_mmdet_checkpoints.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(HERE, 'test_mmdet_checkpoints.py'), 'mmdet_checkpoint_tests')
 
 
 shared = _load_mmdet_checkpoint_tests()

@@ -15,8 +15,8 @@ from torch import nn
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError, check_state_dict
 from ddetr_plugin.converters.mmdet import MAX_LISTED
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 OFFICIAL_TO_PLUGIN = osp.join(REPO, 'tools', 'model_converters',
                               'official_to_plugin.py')
 

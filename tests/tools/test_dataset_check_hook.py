@@ -1,6 +1,5 @@
 """DatasetCheckHook: a data set that does not fit the model stops the run
 before its first step, with both numbers and the keys to change."""
-import os.path as osp
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +8,7 @@ from mmengine.runner import BaseLoop
 from torch.utils.data import DataLoader, Dataset
 
 from ddetr_plugin.engine import DatasetCheckHook, DatasetModelMismatchError
+from testkit import repo_path
 
 
 class _Split(Dataset):
@@ -112,8 +112,7 @@ def test_bad_splits_fail_at_construction(splits):
 
 def test_plugin_configs_carry_the_hook():
     from mmengine.config import Config
-    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     cfg = Config.fromfile(
-        osp.join(repo, 'configs', 'toy', 'deformable-detr_toy.py'))
+        repo_path('configs', 'toy', 'deformable-detr_toy.py'))
     assert cfg.default_hooks.dataset_check.type == (
         'ddetr_plugin.DatasetCheckHook')

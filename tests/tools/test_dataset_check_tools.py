@@ -8,6 +8,8 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
+from testkit import mmdet_mim
+
 pytestmark = pytest.mark.slow
 
 # The toy data has 10 classes; a model of 3 does not fit it.
@@ -70,9 +72,7 @@ def test_test_tool_stops_before_the_first_image(helpers,
 def test_mmdet_test_tool_stops_before_the_first_image(helpers,
                                                       three_class_checkpoint,
                                                       tmp_path):
-    import mmdet
-    mmdet_tool = osp.join(
-        osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py')
+    mmdet_tool = mmdet_mim('tools', 'test.py')
     if not osp.isfile(mmdet_tool):
         pytest.skip(f'mmdet ships no {mmdet_tool}')
     config, checkpoint = three_class_checkpoint

@@ -12,13 +12,14 @@ import os
 import os.path as osp
 import re
 
-import mmdet
 import pytest
 import torch
 
+from testkit import mmdet_mim
+
 pytestmark = pytest.mark.slow
 
-MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
+MMDET_TOOLS = mmdet_mim('tools')
 
 
 def _plugin_classes(model) -> dict:

@@ -1,6 +1,5 @@
 """The toy data generator: deterministic, valid COCO, idempotent."""
 import hashlib
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -9,18 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import load_script
 
-
-def _load_generator():
-    path = osp.join(REPO, 'tools', 'misc', 'make_toy_dataset.py')
-    spec = importlib.util.spec_from_file_location('make_toy_dataset', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generator = _load_generator()
+generator = load_script('tools/misc/make_toy_dataset.py')
 
 
 def _digest(folder):

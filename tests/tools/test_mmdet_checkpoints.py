@@ -13,13 +13,14 @@ MMEngine's loader).
 import os.path as osp
 import re
 
-import mmdet
 import pytest
 import torch
 
+from testkit import mmdet_mim
+
 pytestmark = pytest.mark.slow
 
-MMDET_TOOLS = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools')
+MMDET_TOOLS = mmdet_mim('tools')
 CONVERTED_LINE = ('Loaded a checkpoint in the layout of MMDetection 3.x\'s '
                   'Deformable DETR: {what} converted in memory')
 

@@ -15,7 +15,6 @@ mmdet's ``default_hooks`` lack the plugin's ``DatasetCheckHook``; the
 plugin's detector still stops a model of another class count at the first
 step, instead of after an epoch in ``CocoMetric``.
 """
-import importlib.util
 import os.path as osp
 
 import pytest
@@ -27,8 +26,8 @@ from mmengine.registry import DefaultScope
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.converters.in_memory import convert_for_model
 from ddetr_plugin.engine import DatasetModelMismatchError
+from testkit import load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 COCO_CLASSES = 80
 # Two images, batch size 2: one training iteration.
 ONE_ITERATION = [
@@ -39,18 +38,9 @@ CLASS_LAYERS = ('bbox_head.cls_branches.0.weight',
                 'bbox_head.cls_branches.0.bias')
 MMENGINE_MISMATCH = 'do not match exactly'
 
-
-def _load_train_tool():
-    path = osp.join(REPO, 'tools', 'train.py')
-    spec = importlib.util.spec_from_file_location('train_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # The tool's main() in this process: its code path from the command line
 # on, without a second start-up of mmdet (seconds per run).
-train_tool = _load_train_tool()
+train_tool = load_script('tools/train.py', 'train_tool')
 
 
 def _train(argv, capfd):

@@ -1,22 +1,18 @@
 """plot_training.py comparing several runs (the convergence study)."""
-import importlib.util
 import json
 import os
 import os.path as osp
 
 import pytest
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import load_script
+
 PNG = b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.fixture(scope='module')
 def plot_tool():
-    path = osp.join(REPO, 'tools', 'analysis_tools', 'plot_training.py')
-    spec = importlib.util.spec_from_file_location('plot_training', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('tools/analysis_tools/plot_training.py')
 
 
 def _write_run(work_dir, name, records):

@@ -3,21 +3,15 @@
 The flags must mean what they mean in MMDetection's tools, and flags that
 cannot work here must be refused with a message saying why.
 """
-import importlib.util
-import os.path as osp
 
 import pytest
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from testkit import load_script
 
 
 def _load_tool(name):
-    path = osp.join(REPO, 'tools', f'{name}.py')
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'tools/{name}.py', f'tool_{name}')
 
 
 train_tool = _load_tool('train')

@@ -4,7 +4,6 @@ A tiny Conditional DETR inheriting the toy config (random weights, saved as
 a checkpoint) runs through the command line as a user runs it, and through
 the tool's ``main`` for the inputs it must refuse.
 """
-import importlib.util
 import json
 import os.path as osp
 
@@ -17,8 +16,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.engine import launch
 from ddetr_plugin.registry import MODELS
+from testkit import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join('tools', 'analysis_tools', 'vis_attention_maps.py')
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'conditional-detr_toy.py')
 # The toy config with 32 channels, 2 heads, 1 encoder and 2 decoder
@@ -45,16 +44,7 @@ test_dataloader = dict(dataset=dict(data_root=data_root))
 NUM_HEADS = 2
 FEATURE_SHAPE = (8, 8)
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('vis_attention_maps',
-                                                  osp.join(REPO, TOOL))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_script(TOOL)
 
 
 def _save_model(config: str, checkpoint: str) -> None:

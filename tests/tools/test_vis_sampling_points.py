@@ -4,7 +4,6 @@ The tiny toy model (random weights, saved as a checkpoint) runs through the
 command line; the three R50 configs (random weights, images resized to
 160 px) run through the tool's ``visualize``.
 """
-import importlib.util
 import json
 import os.path as osp
 
@@ -18,8 +17,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.converters import CheckpointMismatchError
 from ddetr_plugin.engine import launch
 from ddetr_plugin.registry import MODELS
+from testkit import REPO, load_script
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOL = osp.join('tools', 'analysis_tools', 'vis_sampling_points.py')
 CONFIGS = osp.join(REPO, 'configs', 'deformable_detr')
 R50_CONFIGS = ('deformable-detr_r50_16xb2-50e_coco.py',
@@ -29,16 +28,7 @@ R50_CONFIGS = ('deformable-detr_r50_16xb2-50e_coco.py',
 PLUGIN_ONLY = ("\ncustom_imports = dict(imports=['ddetr_plugin'], "
                'allow_failed_imports=False)\n')
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('vis_sampling_points',
-                                                  osp.join(REPO, TOOL))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_script(TOOL)
 
 
 @pytest.fixture(scope='module')

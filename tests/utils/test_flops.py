@@ -16,8 +16,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.ops import extension_loaded
 from ddetr_plugin.registry import MODELS
 from ddetr_plugin.utils.flops import OP_NAME, ms_deform_attn_flops
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'deformable-detr_toy.py')
 
 

@@ -20,8 +20,8 @@ import ddetr_plugin  # noqa: F401
 from ddetr_plugin.registry import MODELS
 from ddetr_plugin.utils.flops import (DENSE_ATTENTION_OP_NAME,
                                       dense_attention_flops)
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CONFIG = osp.join(REPO, 'configs', 'toy', 'conditional-detr_toy.py')
 # Non-square, so that a height/width swap would change the count.
 INPUT_SHAPE = (1, 3, 64, 96)

@@ -20,8 +20,8 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 import ddetr_plugin  # noqa: F401
 from ddetr_plugin.utils import PretrainedDownloadError, torchvision_model_urls
+from testkit import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 # torchvision's published weights: download.pytorch.org/models/NAME-HASH.pth
 PUBLISHED_URL = 'https://download.pytorch.org/models/{name}-[0-9a-f]{{8}}.pth'
 
