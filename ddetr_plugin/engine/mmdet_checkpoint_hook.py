@@ -65,8 +65,8 @@ class MmdetCheckpointHook(Hook):
         except CheckpointMismatchError as error:
             raise CheckpointMismatchError(
                 'The checkpoint is in the layout of MMDetection 3.x\'s '
-                'Deformable DETR, but does not fit the model of the config: '
-                f'{error}') from None
+                f'{type(model).__name__}, but does not fit the model of the '
+                f'config: {error}') from None
         converted = 'weights'
         optimizer_state = checkpoint.get('optimizer')
         optim_wrapper = getattr(runner, 'optim_wrapper', None)
@@ -82,5 +82,5 @@ class MmdetCheckpointHook(Hook):
                '; '.join(class_layers))
         runner.logger.info(
             'Loaded a checkpoint in the layout of MMDetection 3.x\'s '
-            f'Deformable DETR: {converted} converted in memory to the '
+            f'{type(model).__name__}: {converted} converted in memory to the '
             f'plugin\'s layout and checked to fit the model {fit}.')

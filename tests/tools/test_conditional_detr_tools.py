@@ -158,7 +158,8 @@ def test_resume_takes_the_mmdet_checkpoint(helpers, toy_data, mmdet_run,
         plugin=True)
     resumed = shared.resume_with_plugin(helpers, config,
                                         str(tmp_path / 'resume'), checkpoint)
-    assert 'weights and optimizer state converted in memory' in resumed
+    assert ('3.x\'s ConditionalDETR: weights and optimizer state converted '
+            'in memory') in resumed
 
 
 def test_converter_and_inferencer_take_the_mmdet_checkpoint(

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 MMDET_TOOLS = mmdet_mim('tools')
 CONVERTED_LINE = ('Loaded a checkpoint in the layout of MMDetection 3.x\'s '
-                  'Deformable DETR: {what} converted in memory')
+                  'DeformableDETR: {what} converted in memory')
 
 
 def _bbox_map(output: str) -> float:
