@@ -44,6 +44,8 @@ class ConditionalDETR(DetrDetectorBase):
         test_cfg (dict, optional): Testing config of the head.
         data_preprocessor (dict, optional): Data preprocessor config.
         init_cfg (dict, optional): Initialisation config.
+        fast_backbone_inference (bool): Fold the backbone's batch norms
+            for CPU inference (:class:`DetrDetectorBase`). Defaults to True.
     """
 
     def __init__(self,
@@ -58,7 +60,8 @@ class ConditionalDETR(DetrDetectorBase):
                  train_cfg: Optional[dict] = None,
                  test_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None,
+                 fast_backbone_inference: bool = True) -> None:
         check_positive_int('model.num_queries', num_queries)
         if bbox_head is None:
             raise ValueError('ConditionalDETR needs model.bbox_head, e.g. '
@@ -72,7 +75,9 @@ class ConditionalDETR(DetrDetectorBase):
             transformer_type='ConditionalDetrTransformer',
             detector='ConditionalDETR')
         super().__init__(
-            data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+            data_preprocessor=data_preprocessor,
+            init_cfg=init_cfg,
+            fast_backbone_inference=fast_backbone_inference)
         self.num_queries = num_queries
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg

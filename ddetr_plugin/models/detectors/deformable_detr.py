@@ -57,6 +57,8 @@ class DeformableDETR(DetrDetectorBase):
         test_cfg (dict, optional): Testing config of the head.
         data_preprocessor (dict, optional): Data preprocessor config.
         init_cfg (dict, optional): Initialisation config.
+        fast_backbone_inference (bool): Fold the backbone's batch norms
+            for CPU inference (:class:`DetrDetectorBase`). Defaults to True.
     """
 
     def __init__(self,
@@ -74,7 +76,8 @@ class DeformableDETR(DetrDetectorBase):
                  train_cfg: Optional[dict] = None,
                  test_cfg: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None,
+                 fast_backbone_inference: bool = True) -> None:
         # Checked first: a mistyped --cfg-options value would otherwise
         # fail deep inside a component, far from the key that caused it.
         check_positive_int('model.num_queries', num_queries)
@@ -88,7 +91,9 @@ class DeformableDETR(DetrDetectorBase):
         transformer = transformer_config(transformer, encoder, decoder,
                                          positional_encoding)
         super().__init__(
-            data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+            data_preprocessor=data_preprocessor,
+            init_cfg=init_cfg,
+            fast_backbone_inference=fast_backbone_inference)
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.with_box_refine = with_box_refine

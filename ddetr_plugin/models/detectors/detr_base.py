@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ddetr_plugin.converters.in_memory import convert_in_place
 from ddetr_plugin.registry import MODELS
-from .config_checks import check_training_classes
+from .backbone_folding import BackboneInference
+from .config_checks import check_flag, check_training_classes
 
 
 def build_with(cfg: dict, required: dict, component: str,
@@ -66,13 +67,22 @@ class DetrDetectorBase(BaseDetector):
     Args:
         data_preprocessor (dict, optional): Data preprocessor config.
         init_cfg (dict, optional): Initialisation config.
+        fast_backbone_inference (bool): Run the backbone, in eval mode on
+            the CPU, with its batch norms folded into the convolutions and
+            channels-last memory (the same function to float rounding;
+            see :mod:`.backbone_folding`). False runs it as built.
+            Defaults to True.
     """
 
     def __init__(self,
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None,
+                 fast_backbone_inference: bool = True) -> None:
+        check_flag('model.fast_backbone_inference', fast_backbone_inference)
         super().__init__(
             data_preprocessor=data_preprocessor, init_cfg=init_cfg)
+        # Not a module: holds a traced graph of the backbone's own modules.
+        self.backbone_inference = BackboneInference(fast_backbone_inference)
         self.register_load_state_dict_pre_hook(_convert_foreign_weights)
         # Configs without DatasetCheckHook (mmdet's) still stop at once.
         self.register_forward_pre_hook(check_training_classes)
@@ -93,7 +103,7 @@ class DetrDetectorBase(BaseDetector):
         Returns:
             tuple[Tensor]: The neck's maps (bs, embed_dims, h_l, w_l).
         """
-        return self.neck(self.backbone(batch_inputs))
+        return self.neck(self.backbone_inference(self.backbone, batch_inputs))
 
     # Stage 1: padding masks.
     @classmethod
