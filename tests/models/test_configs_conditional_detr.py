@@ -15,6 +15,7 @@ CONFIGS = {
     'conditional-detr_r50_8xb2-50e_coco.py': (50, 32),
     'conditional-detr_r101_8xb2-50e_coco.py': (101, 32),
     'conditional-detr_r50-dc5_8xb2-50e_coco.py': (50, 16),
+    'conditional-detr_r101-dc5_8xb2-50e_coco.py': (101, 16),
 }
 
 
@@ -30,6 +31,9 @@ def test_config_has_mmdets_recipe_and_builds(name):
     assert cfg.train_cfg.max_epochs == 50
     assert cfg.param_scheduler[0].milestones == [40]
     depth, stride = CONFIGS[name]
+    # ImageNet weights of the backbone's own depth.
+    assert cfg.model.backbone.init_cfg.checkpoint == (
+        f'torchvision://resnet{depth}')
     cfg.model.backbone.init_cfg = None
     with DefaultScope.overwrite_default_scope('ddetr_plugin'):
         from ddetr_plugin.registry import MODELS

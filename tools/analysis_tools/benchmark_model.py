@@ -16,6 +16,9 @@ as a ratio of mmdet's. Examples::
     python tools/analysis_tools/benchmark_model.py --threads 2 \
         --variant conditional-detr_r50_8xb2-50e_coco.py --skip-train
 
+``--also-unfolded`` adds a row for the plugin with its backbone as built
+(no folded batch norms, ``model.fast_backbone_inference=False``).
+
 Targets on CPU: Deformable DETR inference <= 0.5x and a training step
 <= 0.6x mmdet's; Conditional DETR inference <= 0.8x.
 """
@@ -70,6 +73,12 @@ def parse_args() -> argparse.Namespace:
         default='wall',
         help='wall time, or the CPU time of this process (all its threads), '
         'which other processes on a loaded machine disturb less')
+    parser.add_argument(
+        '--also-unfolded',
+        action='store_true',
+        help='also time the plugin\'s inference with its backbone as built '
+        '(model.fast_backbone_inference=False), to show what folding the '
+        'batch norms contributes')
     parser.add_argument('--skip-train', action='store_true')
     parser.add_argument('--skip-infer', action='store_true')
     return parser.parse_args()
@@ -160,11 +169,15 @@ def interleaved_times(
     return times
 
 
-def inference(model, data: dict) -> Callable[[], None]:
-    """``predict`` without gradients."""
+def inference(model, data: dict, fold: bool = True) -> Callable[[], None]:
+    """``predict`` without gradients; ``fold=False`` runs the plugin's
+    backbone as built."""
 
     def run():
         model.eval()
+        backbone_inference = getattr(model, 'backbone_inference', None)
+        if backbone_inference is not None:
+            backbone_inference.enabled = fold
         with torch.no_grad():
             model.predict(data['inputs'], data['data_samples'])
 
@@ -198,12 +211,14 @@ def main() -> None:
     rows = []
     if not args.skip_infer:
         data = make_data(reference, [tuple(args.infer_size)], False)
-        rows.append(
-            (f'inference 1x{args.infer_size[0]}x'
-             f'{args.infer_size[1]}',
-             interleaved_times(
-                 [inference(reference, data),
-                  inference(plugin, data)], args.warmup, args.runs, clock)))
+        name = f'inference 1x{args.infer_size[0]}x{args.infer_size[1]}'
+        functions = [inference(reference, data), inference(plugin, data)]
+        if args.also_unfolded:
+            functions.append(inference(plugin, data, fold=False))
+        times = interleaved_times(functions, args.warmup, args.runs, clock)
+        rows.append((name, times[:2]))
+        if args.also_unfolded:
+            rows.append((f'{name}, plugin unfolded', [times[0], times[2]]))
     if not args.skip_train:
         batch_size, height, width = args.train_size
         data = make_data(reference, [(height, width)] * batch_size, True)
@@ -213,9 +228,9 @@ def main() -> None:
                  [training_step(reference, data),
                   training_step(plugin, data)], args.warmup, args.runs,
                  clock)))
-    print(f'{"":28s} {"mmdet (s)":>17s} {"plugin (s)":>17s} '
+    print(f'{"":38s} {"mmdet (s)":>17s} {"plugin (s)":>17s} '
           f'{"ratio":>13s}')
-    print(f'{"":28s} {"median   min":>17s} {"median   min":>17s} '
+    print(f'{"":38s} {"median   min":>17s} {"median   min":>17s} '
           f'{"median   min":>13s}')
     for name, (reference_times, plugin_times) in rows:
         medians = [
@@ -223,7 +238,7 @@ def main() -> None:
             statistics.median(plugin_times)
         ]
         minima = [min(reference_times), min(plugin_times)]
-        print(f'{name:28s} {medians[0]:8.3f} {minima[0]:8.3f} '
+        print(f'{name:38s} {medians[0]:8.3f} {minima[0]:8.3f} '
               f'{medians[1]:8.3f} {minima[1]:8.3f} '
               f'{medians[1] / medians[0]:6.3f} {minima[1] / minima[0]:6.3f}')
 
