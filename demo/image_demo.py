@@ -21,13 +21,14 @@ and mapped back to the original image as ``predict`` does, so both paths
 draw the same detections. A model exported for a fixed size takes images
 up to that size: they are padded with zeros to it, and the model masks the
 padding from the image's size (its second input), as PyTorch masks the
-padding of a batch.
+padding of a batch. An ONNX file without class names in its metadata
+(written by other code) is labelled with the names of CONFIG's test set.
 """
 import argparse
 import os
 import os.path as osp
 import sys
-from typing import List
+from typing import List, Tuple
 
 # The demo runs from a checkout without installing the package.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -106,6 +107,25 @@ def list_images(path: str) -> List[str]:
     raise FileNotFoundError(f'image {path!r} does not exist')
 
 
+def config_classes(cfg) -> Tuple[str, ...]:
+    """Class names of the config's test set, read from the config (its
+    ``metainfo``, else its data set class's defaults), one per class of
+    the model's head: unnamed classes are named by their index."""
+    from mmdet.registry import DATASETS
+    dataset = cfg.test_dataloader.dataset
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    if not classes:
+        dataset_class = DATASETS.get(dataset.get('type', ''))
+        classes = (getattr(dataset_class, 'METAINFO', None)
+                   or {}).get('classes', ())
+    classes = tuple(classes)
+    num_classes = cfg.model.get('bbox_head', {}).get('num_classes')
+    if num_classes is not None:
+        classes = classes[:num_classes] + tuple(
+            str(index) for index in range(len(classes), num_classes))
+    return classes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     images = list_images(args.image)
@@ -116,6 +136,12 @@ def main(argv=None) -> int:
         from ddetr_plugin.deployment.onnx_runtime import OnnxTestModel
         onnx_model = OnnxTestModel(cfg, args.onnx, args.threads)
         dataset_meta = onnx_model.dataset_meta
+        if not dataset_meta['classes']:
+            dataset_meta = dict(dataset_meta, classes=config_classes(cfg))
+            print(f'{args.onnx} holds no class names in its metadata (files '
+                  'of tools/deployment/export_onnx.py do); labelling with '
+                  f'the {len(dataset_meta["classes"])} class names of the '
+                  f'test set of {args.config}.')
 
         def predictor(path: str) -> DetDataSample:
             # What inference_detector does around a PyTorch model.

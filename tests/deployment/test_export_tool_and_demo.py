@@ -243,6 +243,33 @@ def test_demo_draws_the_same_detections_from_onnx(toy, checkpoint, exported,
         assert max(box) <= IMAGE_SIZE
 
 
+def test_demo_names_classes_of_a_file_without_metadata(toy, checkpoint,
+                                                       exported, capsys):
+    # An ONNX file of other code: the model without the metadata that
+    # export_onnx.py writes (mmdet's visualizer used to fail on it).
+    onnx = require('onnx', 'deploy')
+    folder, config_path, _, data_root = checkpoint
+    model = onnx.load(exported)
+    del model.metadata_props[:]
+    bare_path = str(folder / 'bare.onnx')
+    onnx.save(model, bare_path)
+    image_path = osp.join(data_root, 'val', '000000.png')
+    demo = load_script('demo/image_demo.py')
+    runs = {}
+    for name, path in (('exported', exported), ('bare', bare_path)):
+        assert demo.main([
+            image_path, config_path, '--onnx', path, '--out-dir',
+            str(folder / f'vis_{name}'), '--score-thr', '0.1'
+        ]) == 0
+        runs[name] = capsys.readouterr().out
+    assert 'holds no class names' in runs['bare']
+    assert 'holds no class names' not in runs['exported']
+    # The config's names, so the same listing as the file with metadata.
+    assert detections(runs['bare']) == detections(runs['exported'])
+    assert len(detections(runs['bare'])) > 0
+    assert osp.isfile(str(folder / 'vis_bare' / '000000.png'))
+
+
 def test_export_tool_writes_tensorrt_plugin_nodes(toy, checkpoint, capsys):
     from ddetr_plugin.deployment.onnx_ms_deform_attn import \
         TENSORRT_PLUGIN_NAME
