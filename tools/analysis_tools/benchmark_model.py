@@ -23,6 +23,7 @@ Targets on CPU: Deformable DETR inference <= 0.5x and a training step
 <= 0.6x mmdet's; Conditional DETR inference <= 0.8x.
 """
 import argparse
+import logging
 import os.path as osp
 import statistics
 import time
@@ -32,6 +33,7 @@ import mmdet
 import torch
 from mmdet.structures import DetDataSample
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData
 
@@ -107,7 +109,15 @@ def build_models(variant: str, device: str):
             else:
                 from ddetr_plugin.registry import MODELS
             models[scope] = MODELS.build(cfg).to(device)
-    models['mmdet'].init_weights()
+    # init_weights logs a line per parameter (about 1500): not for a
+    # benchmark's output.
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        models['mmdet'].init_weights()
+    finally:
+        logger.setLevel(level)
     load_converted(models['ddetr_plugin'],
                    convert_mmdet_state_dict(models['mmdet'].state_dict()))
     return models['mmdet'], models['ddetr_plugin']
