@@ -26,10 +26,15 @@ INPUT_NAME = 'input'
 IMAGE_SHAPES_NAME = 'image_shapes'
 INPUT_NAMES = (INPUT_NAME, IMAGE_SHAPES_NAME)
 OUTPUT_NAMES = ('dets', 'labels')
-# Limits of the dynamic axes. Below 65 px the smallest level (stride 64)
-# has a side of 1, a size that torch.export specialises.
+# Limits of the dynamic axes. The smallest side is the detector's
+# (:func:`min_dynamic_side`): at its largest stride or below, the smallest
+# feature map has a side of 1, a size that torch.export specialises.
+# MIN_DYNAMIC_SIDE is Deformable DETR's (stride 64), the default of
+# dynamic_image_shapes.
 MAX_DYNAMIC_BATCH = 64
 MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 65, 4096
+# Side of the blank image that measures the detector's largest stride.
+_STRIDE_PROBE_SIDE = 512
 # Class name of the attention that runs the plugin's op: the plugin's, and
 # mmcv's, which the plugin's op can serve (``ddetr_plugin.mmcv_patch``).
 DEFORMABLE_ATTENTION = 'MultiScaleDeformableAttention'
@@ -93,38 +98,73 @@ def example_images(height: int,
     return torch.randn(batch_size, 3, height, width, generator=generator)
 
 
-def check_dynamic_size(height: int, width: int) -> None:
+def min_dynamic_side(detector: nn.Module) -> int:
+    """Smallest image side a dynamic export of ``detector`` takes.
+
+    One more than the largest stride of its feature maps, so that the
+    smallest map keeps a side of at least 2: 65 px for Deformable DETR
+    (stride 64), 33 for Conditional DETR R50 (C5, stride 32), 17 for DC5.
+    The stride is measured on a blank image, not read from the config,
+    so any backbone and neck count.
+
+    Args:
+        detector (nn.Module): In eval mode.
+
+    Returns:
+        int: The smallest height and width, in pixels.
+    """
+    side = _STRIDE_PROBE_SIDE
+    parameter = next(detector.parameters())
+    with torch.no_grad():
+        features = detector.extract_feat(parameter.new_zeros(1, 3, side, side))
+    smallest = min(min(feature.shape[-2:]) for feature in features)
+    return -(-side // smallest) + 1
+
+
+def check_dynamic_size(height: int, width: int, min_side: int = 1) -> None:
     """Raise a ValueError for an example size a dynamic export refuses.
 
     Args:
         height (int): Example image height.
         width (int): Example image width.
+        min_side (int): The detector's :func:`min_dynamic_side`; the
+            default 1 checks only the largest size (before the detector is
+            built).
     """
     for name, side in (('height', height), ('width', width)):
-        if not MIN_DYNAMIC_SIDE <= side <= MAX_DYNAMIC_SIDE:
+        if side > MAX_DYNAMIC_SIDE:
             raise ValueError(
-                f'A dynamic export traces images of {MIN_DYNAMIC_SIDE} to '
+                f'A dynamic export traces images of at most '
                 f'{MAX_DYNAMIC_SIDE} px a side, but the example {name} is '
-                f'{side} (example {height}x{width}): below '
-                f'{MIN_DYNAMIC_SIDE} px the smallest feature level (stride '
-                '64) has a side of 1, which torch.export fixes. Give --shape '
-                f'H W with both sides in [{MIN_DYNAMIC_SIDE}, '
+                f'{side} (example {height}x{width}). Give --shape H W with '
+                f'both sides at most {MAX_DYNAMIC_SIDE}; the model then takes '
+                'any size up to it.')
+        if side < min_side:
+            raise ValueError(
+                f'A dynamic export of this model traces images of '
+                f'{min_side} to {MAX_DYNAMIC_SIDE} px a side, but the '
+                f'example {name} is {side} (example {height}x{width}): '
+                f'below {min_side} px its smallest feature map (stride '
+                f'{min_side - 1}) has a side of 1, which torch.export '
+                f'fixes. Give --shape H W with both sides in [{min_side}, '
                 f'{MAX_DYNAMIC_SIDE}]; the model then takes any size in that '
                 'range.')
 
 
-def dynamic_image_shapes() -> dict:
+def dynamic_image_shapes(min_side: int = MIN_DYNAMIC_SIDE) -> dict:
     """Batch, height and width of the image batch, all dynamic, and the
     batch of ``image_shapes`` with it.
 
-    Sides start at :data:`MIN_DYNAMIC_SIDE` (see there).
+    Args:
+        min_side (int): The smallest height and width
+            (:func:`min_dynamic_side`).
     """
     batch = Dim('batch', min=1, max=MAX_DYNAMIC_BATCH)
     return {
         'images': {
             0: batch,
-            2: Dim('height', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE),
-            3: Dim('width', min=MIN_DYNAMIC_SIDE, max=MAX_DYNAMIC_SIDE)
+            2: Dim('height', min=min_side, max=MAX_DYNAMIC_SIDE),
+            3: Dim('width', min=min_side, max=MAX_DYNAMIC_SIDE)
         },
         'image_shapes': {
             0: batch
@@ -143,7 +183,8 @@ def export_detector(detector: nn.Module,
         detector (nn.Module): A ``DeformableDETR`` or ``ConditionalDETR``
             in eval mode, on CPU.
         images (Tensor): (bs, 3, h, w) example batch, normalised; with
-            ``dynamic``, bs must be at least 2 and h, w in [65, 4096].
+            ``dynamic``, bs must be at least 2 and h, w in
+            [:func:`min_dynamic_side`, 4096].
         dynamic (bool): Whether batch, height and width are dynamic.
             Defaults to False (the example's shape is fixed).
         max_per_img (int, optional): Detections per image; defaults to the
@@ -162,21 +203,23 @@ def export_detector(detector: nn.Module,
         raise ValueError('The example images must be a (bs, 3, h, w) '
                          'float32 batch; got '
                          f'{tuple(images.shape)} {images.dtype}.')
+    dynamic_shapes = None
     if dynamic:
         if images.shape[0] < 2:
             raise ValueError(
                 'A dynamic batch needs an example of at least 2 images '
                 '(torch.export fixes a size-1 dimension); got '
                 f'{images.shape[0]}.')
-        check_dynamic_size(images.shape[2], images.shape[3])
+        min_side = min_dynamic_side(detector)
+        check_dynamic_size(images.shape[2], images.shape[3], min_side)
+        dynamic_shapes = dynamic_image_shapes(min_side)
     if image_shapes is None:
         image_shapes = full_image_shapes(images)
     wrapper = TensorDetector(detector, max_per_img).eval()
     with torch.no_grad():
         try:
             return torch.export.export(
-                wrapper, (images, image_shapes),
-                dynamic_shapes=dynamic_image_shapes() if dynamic else None)
+                wrapper, (images, image_shapes), dynamic_shapes=dynamic_shapes)
         except Exception as error:
             _explain_backbone_failure(detector, images, error)
             raise

@@ -170,6 +170,28 @@ def test_export_needs_the_compiled_op_only_for_deformable_attention(
         torch_export.check_exportable(deformable)
 
 
+def test_dynamic_export_takes_images_smaller_than_deformable_detrs(
+        toy, conditional, dynamic_onnx):
+    # The toy backbone is DC5 (largest stride 16): from 17 px up, where
+    # Deformable DETR (stride 64) needs 65.
+    from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
+    model, program = conditional
+    assert torch_export.min_dynamic_side(model) == 17
+    detector = OnnxRuntimeDetector(dynamic_onnx, num_threads=1)
+    image_shapes = [(17, 40), (30, 23)]
+    images = toy.padded_images(image_shapes, 30, 40, 7)
+    expected = toy.predict(model, images, image_shapes)
+    with torch.no_grad():
+        dets, labels = program.module()(images, torch.tensor(image_shapes))
+    toy.assert_same_detections(dets, labels, *expected)
+    dets, labels = detector(images, image_shapes)
+    toy.assert_same_detections(
+        torch.from_numpy(dets), torch.from_numpy(labels), *expected)
+    with pytest.raises(ValueError, match=r'17 to 4096 px.*stride 16'):
+        export_detector(
+            model, example_images(16, 40, batch_size=2), dynamic=True)
+
+
 def test_dynamic_onnx_gives_predict_detections(toy, conditional, dynamic_onnx):
     from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
     model, _ = conditional

@@ -5,22 +5,22 @@ compare it with PyTorch.
         [--shape H W] [--dynamic] [--opset 18]
         [--sampling {grid_sample,gather,trt_plugin}]
 
-The model takes ``input`` (N, 3, H, W) float32, the images already
-resized and normalised as the config's test pipeline and data preprocessor
-do, each at the top left and padded with zeros to H x W, and
-``image_shapes`` (N, 2) int64, the (height, width) of each image's
-unpadded part, from which it masks the padding as PyTorch does. It returns
-``dets`` (N, K, 5) float32, (x1, y1, x2, y2, score) in pixels of the input,
-sorted by score, and ``labels`` (N, K) int64, K = the config's
-``max_per_img``. ``--dynamic`` makes N (1 to 64), H and W (65 to 4096 px)
-dynamic; without ``--shape`` the config's test scale is used. The
-multi-scale deformable attention is written in standard ONNX operators
-(GridSample or Gather), so ONNX Runtime and TensorRT need no plugin;
-``--sampling trt_plugin`` writes it instead as one node of TensorRT's
-``MultiscaleDeformableAttnPlugin_TRT`` layout, for TensorRT only. Every
-mode needs opset 17 or higher. Conditional DETR's attention is dense
-(MatMul and Softmax, written by the exporter): ``--sampling`` does not
-apply to it, and a value other than the default is refused.
+The model takes ``input`` (N, 3, H, W) float32, the images already resized and
+normalised as the config's test pipeline and data preprocessor do, each at the
+top left and padded with zeros to H x W, and ``image_shapes`` (N, 2) int64, the
+(height, width) of each image's unpadded part, from which it masks the padding
+as PyTorch does. It returns ``dets`` (N, K, 5) float32, (x1, y1, x2, y2, score)
+in pixels of the input, sorted by score, and ``labels`` (N, K) int64, K = the
+config's ``max_per_img``. ``--dynamic`` makes N (1 to 64), H and W dynamic
+(from one more than the model's largest feature stride, 65 px for Deformable
+DETR and 33 for Conditional DETR R50, to 4096 px); without ``--shape`` the
+config's test scale is used. The multi-scale deformable attention is written in
+standard ONNX operators (GridSample or Gather), so ONNX Runtime and TensorRT
+need no plugin; ``--sampling trt_plugin`` writes it instead as one node of
+TensorRT's ``MultiscaleDeformableAttnPlugin_TRT`` layout, for TensorRT only.
+Every mode needs opset 17 or higher. Conditional DETR's attention is dense
+(MatMul and Softmax, written by the exporter): ``--sampling`` does not apply to
+it, and a value other than the default is refused.
 
 After writing, the file is checked by ``onnx.checker`` and ONNX shape
 inference, run in ONNX Runtime on a random input whose last image is
@@ -51,7 +51,6 @@ from ddetr_plugin.deployment.onnx_ms_deform_attn import (EXPORT_MODES,
                                                          TENSORRT_PLUGIN_NAME)
 from ddetr_plugin.deployment.onnx_runtime import OnnxRuntimeDetector
 from ddetr_plugin.deployment.torch_export import (MAX_DYNAMIC_SIDE,
-                                                  MIN_DYNAMIC_SIDE,
                                                   check_dynamic_size,
                                                   uses_deformable_attention)
 from ddetr_plugin.engine import checkpoint_check, launch
@@ -73,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         '--dynamic',
         action='store_true',
-        help=f'make batch (1-64), height and width ({MIN_DYNAMIC_SIDE}-'
-        f'{MAX_DYNAMIC_SIDE} px) dynamic axes')
+        help='make batch (1-64), height and width dynamic axes (sides from '
+        'the model\'s largest feature stride + 1, e.g. 65 px for '
+        f'Deformable DETR, to {MAX_DYNAMIC_SIDE} px)')
     parser.add_argument(
         '--opset',
         type=int,
@@ -147,7 +147,8 @@ def check_sampling_applies(model: torch.nn.Module, sampling: str,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Refuse a bad opset or size before the slow model build.
+    # Refuse a bad opset or size before the slow model build (the smallest
+    # size depends on the model: export_detector checks it first).
     check_opset(args.sampling, args.opset)
     if args.dynamic and args.shape:
         check_dynamic_size(*args.shape)
