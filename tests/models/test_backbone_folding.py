@@ -298,25 +298,22 @@ def test_detector_predicts_the_same_and_keeps_its_state():
             batch_input_shape=(96, 128),
             scale_factor=(1.0, 1.0)))
     with torch.no_grad():
-        folded = detector.predict(images, [sample.clone()])[0]
+        detector.predict(images, [sample.clone()])
+        # predict went through the folded graph.
         assert detector.backbone_inference.graph_of(
             detector.backbone) is not None
         copied = copy.deepcopy(detector)
+        # The raw outputs, not the top-k detections: the untrained model's
+        # scores nearly tie, so rounding may reorder its detections.
+        folded = detector._forward(images, [sample.clone()])
+        again = copied._forward(images, [sample.clone()])
         detector.backbone_inference.enabled = False
-        plain = detector.predict(images, [sample.clone()])[0]
-        again = copied.predict(images, [sample.clone()])[0]
+        plain = detector._forward(images, [sample.clone()])
     assert list(detector.state_dict()) == keys
-    for result in (folded, again):
-        torch.testing.assert_close(
-            result.pred_instances.scores,
-            plain.pred_instances.scores,
-            rtol=1e-5,
-            atol=1e-5)
-        torch.testing.assert_close(
-            result.pred_instances.bboxes,
-            plain.pred_instances.bboxes,
-            rtol=1e-4,
-            atol=1e-3)
+    for outputs in (folded, again):
+        # Every decoder layer's class logits and normalised boxes.
+        for output, expected in zip(outputs, plain):
+            torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
     # The copy traced its own modules, not the original's.
     copied_graph = copied.backbone_inference.graph_of(copied.backbone)
     assert copied.backbone.layer1[0].conv1 in list(copied_graph.modules())
