@@ -29,10 +29,8 @@ OUTPUT_NAMES = ('dets', 'labels')
 # Limits of the dynamic axes. The smallest side is the detector's
 # (:func:`min_dynamic_side`): at its largest stride or below, the smallest
 # feature map has a side of 1, a size that torch.export specialises.
-# MIN_DYNAMIC_SIDE is Deformable DETR's (stride 64), the default of
-# dynamic_image_shapes.
 MAX_DYNAMIC_BATCH = 64
-MIN_DYNAMIC_SIDE, MAX_DYNAMIC_SIDE = 65, 4096
+MAX_DYNAMIC_SIDE = 4096
 # Side of the blank image that measures the detector's largest stride.
 _STRIDE_PROBE_SIDE = 512
 # Class name of the attention that runs the plugin's op: the plugin's, and
@@ -151,7 +149,7 @@ def check_dynamic_size(height: int, width: int, min_side: int = 1) -> None:
                 'range.')
 
 
-def dynamic_image_shapes(min_side: int = MIN_DYNAMIC_SIDE) -> dict:
+def dynamic_image_shapes(min_side: int) -> dict:
     """Batch, height and width of the image batch, all dynamic, and the
     batch of ``image_shapes`` with it.
 
